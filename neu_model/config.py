@@ -1,0 +1,208 @@
+"""The one configuration source: ``params.yaml`` read into frozen dataclasses.
+
+Any key can be overridden for one run with dotted ``key=value`` pairs, the way
+``dvc exp run -S train.lr=0.01`` does, e.g. ``load_config(overrides=["train.model=seed_cnn"])``.
+The resolved config (``to_dict``) is saved with every checkpoint and model.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PARAMS_FILE = ROOT / "params.yaml"
+DATA_SOURCE_ENV = "NEU_DATA_SOURCE"
+
+# Canonical class order: the model's output columns, everywhere.
+CLASSES: tuple[str, ...] = ("Cr", "In", "Pa", "PS", "RS", "Sc")
+CLASS_NAMES: dict[str, str] = {
+    "Cr": "crazing",
+    "In": "inclusion",
+    "Pa": "patches",
+    "PS": "pitted surface",
+    "RS": "rolled-in scale",
+    "Sc": "scratches",
+}
+
+
+class ConfigError(ValueError):
+    """A params file or an override that cannot be used; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str
+    classes: tuple[str, ...]
+    expected_per_class: int | None  # None: any count ("any" in params.yaml)
+    checksums: str
+    image_size: int
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    test_fraction: float
+    val_fraction: float
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one model is trained."""
+
+    epochs: int
+    batch_size: int
+    optimizer: str
+    lr: float
+    weight_decay: float
+    loss: str
+    schedule: str
+    warmup_epochs: int
+    label_smoothing: float
+    augment: str
+    shuffle: bool
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str
+    device: str
+    num_threads: int
+    recipes: Mapping[str, Recipe]
+
+    @property
+    def recipe(self) -> Recipe:
+        """The recipe of the selected model."""
+        return self.recipes[self.model]
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    batch_size: int
+    robustness: bool
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    experiment: str
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    model_name: str
+    accuracy_floor: float
+    min_improvement: float
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int
+    data: DataConfig
+    split: SplitConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    mlflow: MlflowConfig
+    register: RegisterConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data (saved in checkpoints, logged as params)."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with dotted ``key=value`` overrides applied.
+
+    Values are parsed as YAML, so ``train.recipes.defectnet.epochs=3`` gives an int and
+    ``data.expected_per_class=any`` a string. A key must already exist, so a typo fails.
+    """
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value; write e.g. train.model=seed_cnn")
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"override {item!r}: no section {part!r} in params.yaml")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"override {item!r}: no key {key!r} in params.yaml; check the spelling")
+        node[parts[-1]] = yaml.safe_load(text)
+    return raw
+
+
+def from_dict(raw: Mapping[str, Any]) -> Config:
+    """Build and validate a Config from the params mapping."""
+    try:
+        data = dict(raw["data"])
+        expected = data["expected_per_class"]
+        data["expected_per_class"] = None if expected in (None, "any") else int(expected)
+        data["classes"] = tuple(data["classes"])
+        train = dict(raw["train"])
+        train["recipes"] = {name: Recipe(**r) for name, r in train["recipes"].items()}
+        cfg = Config(
+            seed=int(raw["seed"]),
+            data=DataConfig(**data),
+            split=SplitConfig(**raw["split"]),
+            train=TrainConfig(**train),
+            evaluate=EvaluateConfig(**raw["evaluate"]),
+            mlflow=MlflowConfig(**raw["mlflow"]),
+            register=RegisterConfig(**raw["register"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"params.yaml is not valid ({exc}); compare it with the one in git") from exc
+    if cfg.train.model not in cfg.train.recipes:
+        raise ConfigError(
+            f"train.model={cfg.train.model!r} has no recipe under train.recipes; "
+            f"choose one of {sorted(cfg.train.recipes)}"
+        )
+    if not 0 < cfg.split.test_fraction < 1 or not 0 <= cfg.split.val_fraction < 1:
+        raise ConfigError("split.test_fraction must be in (0, 1) and split.val_fraction in [0, 1)")
+    return cfg
+
+
+def load_raw(path: Path | str = PARAMS_FILE) -> dict[str, Any]:
+    """Read the params file as a plain mapping."""
+    path = Path(path)
+    try:
+        with path.open() as fh:
+            raw = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found; run from the repository root") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__}); fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections; compare it with the one in git")
+    return raw
+
+
+def load_config(path: Path | str = PARAMS_FILE, overrides: Sequence[str] = ()) -> Config:
+    """Load ``params.yaml``, apply overrides, then ``NEU_DATA_SOURCE`` if set."""
+    raw = apply_overrides(load_raw(path), overrides)
+    env_source = os.environ.get(DATA_SOURCE_ENV)
+    if env_source:
+        raw["data"]["source"] = env_source
+    return from_dict(raw)
+
+
+def add_config_args(parser) -> None:
+    """Add the ``--params`` and ``--set`` options every stage shares."""
+    parser.add_argument("--params", default=str(PARAMS_FILE), help="params file (default: params.yaml)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a param for this run, e.g. --set train.model=seed_cnn (repeatable)",
+    )

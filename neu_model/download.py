@@ -1,0 +1,357 @@
+"""DVC stage ``download``: fetch the NEU-CLS images, validate them, publish ``data/raw``.
+
+The source (``data.source``, or the ``NEU_DATA_SOURCE`` environment variable) is an
+http(s) URL of a .zip/.tar(.gz) archive, a local archive, or a local folder, in the flat
+NEU-CLS layout (``Cr_12.bmp``) or in class folders (Kaggle's ``train/Crazing/Cr_1.bmp``).
+The output is ``data/raw/NEU-CLS/<CLS>_<n>.bmp`` plus ``data/raw/manifest.csv``.
+Everything is built and checked in a temporary folder first, so bad input leaves the
+previous ``data/raw`` exactly as it was.
+
+    python -m neu_model.download [--params params.yaml] [--set data.expected_per_class=any]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import http.client
+import io
+import logging
+import os
+import re
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Sequence
+
+from neu_model.cli import StageError, run_stage
+from neu_model.config import ROOT, Config, add_config_args, load_config
+from neu_model.files import atomic_path, replace_dir, sha256_file
+
+log = logging.getLogger("neu_model.download")  # not "__main__" under python -m
+
+IMAGES_SUBDIR = "NEU-CLS"
+MANIFEST_NAME = "manifest.csv"
+MANIFEST_COLUMNS = ("file", "label", "sha256", "width", "height")
+IMAGE_EXTS = frozenset({".bmp", ".png", ".jpg", ".jpeg"})
+RETRY_DELAYS = (1.0, 2.0, 4.0)  # seconds to wait before each retry of a download
+CHUNK = 1 << 20
+# Folder names of Kaggle's copy (and common spellings), normalised by _norm_folder.
+FOLDER_CLASSES = {"crazing": "Cr", "inclusion": "In", "patches": "Pa", "pitted": "PS", "pitted_surface": "PS",
+                  "rolled": "RS", "rolled_in_scale": "RS", "scratches": "Sc"}
+_NAME_RE = re.compile(r"^([A-Za-z]+)_0*(\d+)$")  # the NEU-CLS scheme: Cr_12
+_DIGITS_RE = re.compile(r"(\d+)$")
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    """What ``download`` published."""
+
+    n_images: int
+    counts: dict[str, int]
+    dataset_version: str  # first 12 hex of the manifest's sha256
+    verified_sha256: bool  # True: the public set, every file matched the checksum list
+
+
+@dataclass(frozen=True)
+class _Entry:
+    src: Path
+    shown: str  # how error messages name the file: source plus path inside it
+    label: str
+    name: str  # canonical output name
+
+
+def fetch_url(url: str, dest: Path, retry_delays: Sequence[float] = RETRY_DELAYS, timeout: float = 60) -> None:
+    """Download ``url`` to ``dest`` atomically, retrying connection errors and 5xx.
+
+    Raises:
+        StageError: on a 4xx answer (no retry) or when every attempt failed.
+    """
+    for attempt in range(len(retry_delays) + 1):
+        try:
+            _stream(url, dest, timeout)
+            return
+        except urllib.error.HTTPError as exc:
+            # A 4xx will not change on retry; 408/429 are the server asking us to come back.
+            if exc.code < 500 and exc.code not in (408, 429):
+                raise StageError(f"{url}: HTTP {exc.code} {exc.reason}; fix data.source (or NEU_DATA_SOURCE), "
+                                 f"or download the archive by hand and point data.source at the file") from None
+            error = f"HTTP {exc.code} {exc.reason}"
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+            error = str(getattr(exc, "reason", None) or exc) or exc.__class__.__name__
+        if attempt == len(retry_delays):
+            raise StageError(f"{url}: download failed after {attempt + 1} attempts ({error}); check the network, "
+                             f"or download the archive by hand and point data.source at the file")
+        log.warning("download of %s failed (%s); retrying in %gs", url, error, retry_delays[attempt])
+        time.sleep(retry_delays[attempt])
+
+
+def _stream(url: str, dest: Path, timeout: float) -> None:
+    from tqdm import tqdm
+
+    request = urllib.request.Request(url, headers={"User-Agent": "neu-model-download"})
+    with urllib.request.urlopen(request, timeout=timeout) as resp, atomic_path(dest) as tmp:
+        total = int(resp.headers.get("Content-Length") or 0) or None
+        quiet = not sys.stderr.isatty()  # in CI logs a progress bar is noise: log lines instead
+        log.info("downloading %s (%s bytes)", url, total or "unknown")
+        start, done = time.monotonic(), 0
+        with tmp.open("wb") as out, tqdm(total=total, unit="B", unit_scale=True, disable=quiet) as bar:
+            while block := resp.read(CHUNK):
+                out.write(block)
+                done += len(block)
+                bar.update(len(block))
+        if total is not None and done != total:
+            # http.client does not flag a connection closed early; a short file must not be cached.
+            raise http.client.IncompleteRead(b"", total - done)
+        log.info("downloaded %d bytes in %.1fs", done, time.monotonic() - start)
+
+
+def _source_path(source: str, cache_dir: Path, retry_delays: Sequence[float]) -> Path:
+    """Return a local folder or archive for ``source``, downloading URLs into the cache."""
+    if re.match(r"^https?://", source, re.IGNORECASE):
+        low = source.lower().split("?")[0]
+        ext = next((e for e in (".tar.gz", ".tgz", ".tar", ".zip") if low.endswith(e)), ".archive")
+        cached = cache_dir / (hashlib.sha256(source.encode()).hexdigest() + ext)
+        if cached.exists():
+            log.info("using cached %s for %s", cached, source)
+        else:
+            fetch_url(source, cached, retry_delays)
+        return cached
+    if "://" in source:
+        raise StageError(f"{source}: unsupported URL scheme; use http(s)://, a local archive or a folder")
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise StageError(f"{source}: no such file or folder (relative to {Path.cwd()}); "
+                         f"fix data.source in params.yaml or set NEU_DATA_SOURCE")
+    return path
+
+
+def _wanted(parts: Sequence[str]) -> bool:
+    """An image file, not macOS metadata or a hidden file."""
+    return (bool(parts) and Path(parts[-1]).suffix.lower() in IMAGE_EXTS
+            and not any(p == "__MACOSX" or p.startswith(".") for p in parts))
+
+
+def _member_parts(name: str, archive: Path) -> tuple[str, ...]:
+    """Path parts of an archive member; reject the archive if it would escape the target."""
+    path = PurePosixPath(name.replace("\\", "/"))
+    if path.is_absolute() or ".." in path.parts:
+        raise StageError(f"{archive}: member {name!r} would be written outside the extraction folder; "
+                         f"the archive is unsafe, get a clean copy of the data")
+    return path.parts
+
+
+def extract(archive: Path, dest: Path) -> None:
+    """Extract the image files of a zip or tar archive into ``dest``; all names are checked first."""
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                members = [(i, _member_parts(i.filename, archive)) for i in zf.infolist()]
+                for info, parts in members:
+                    if info.is_dir() or not _wanted(parts):
+                        continue
+                    target = dest.joinpath(*parts)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(info) as src, target.open("wb") as out:
+                        shutil.copyfileobj(src, out, CHUNK)
+        elif tarfile.is_tarfile(archive):
+            with tarfile.open(archive) as tf:
+                members = [m for m in tf.getmembers() if _wanted(_member_parts(m.name, archive)) and m.isfile()]
+                # filter="data" additionally refuses links, devices and odd modes.
+                tf.extractall(dest, members=members, filter="data")
+        else:
+            raise StageError(f"{archive}: not a folder, zip or tar archive; point data.source at one of those")
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
+        raise StageError(f"{archive}: damaged archive ({exc}); delete it and download it again") from None
+
+
+def scan(root: Path, classes: Sequence[str], shown_root: str = "") -> list[_Entry]:
+    """Find the dataset's images under ``root`` and give each its class and canonical name.
+
+    The class comes from a ``<CLS>_<n>`` file-name prefix, else from the nearest class
+    folder (Crazing, Inclusion, ...). Images with neither (a repository's plots) are skipped.
+    """
+    by_lower = {c.lower(): c for c in classes}
+    entries: list[_Entry] = []
+    unnumbered: list[tuple[Path, str, str]] = []
+    skipped: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d != "__MACOSX" and not d.startswith("."))
+        rel_dir = Path(dirpath).relative_to(root)
+        for fname in sorted(filenames):
+            rel = rel_dir / fname
+            if not _wanted(rel.parts):
+                continue
+            stem, ext = Path(fname).stem, Path(fname).suffix.lower()
+            shown = shown_root + rel.as_posix()
+            match = _NAME_RE.match(stem)
+            if match and match.group(1).lower() in by_lower:
+                label = by_lower[match.group(1).lower()]
+                entries.append(_Entry(root / rel, shown, label, f"{label}_{match.group(2)}{ext}"))
+                continue
+            # The nearest folder with a class name: "Rolled-in scale" -> "rolled_in_scale" -> RS.
+            folders = [re.sub(r"[\s-]+", "_", p.strip().lower()) for p in reversed(rel_dir.parts)]
+            folder = next((FOLDER_CLASSES[f] for f in folders if f in FOLDER_CLASSES), None)
+            if folder in classes:
+                digits = _DIGITS_RE.search(stem)
+                if digits:
+                    entries.append(_Entry(root / rel, shown, folder, f"{folder}_{int(digits.group(1))}{ext}"))
+                else:
+                    unnumbered.append((root / rel, shown, folder))
+            elif match:
+                raise StageError(f"{shown}: unknown class prefix {match.group(1)!r}; name images <CLS>_<n> with CLS "
+                                 f"one of {', '.join(classes)} (data.classes), or put them in class folders")
+            else:
+                skipped.append(shown)
+    if skipped:
+        log.info("skipped %d images with no class (e.g. %s)", len(skipped), skipped[0])
+    # Files like Crazing/scan.bmp get numbers after the largest one already used in their class.
+    for src, shown, label in unnumbered:
+        used = [int(_DIGITS_RE.search(Path(e.name).stem).group(1)) for e in entries if e.label == label]
+        entries.append(_Entry(src, shown, label, f"{label}_{max(used, default=0) + 1}{src.suffix.lower()}"))
+    return entries
+
+
+def _check_names(entries: Sequence[_Entry], cfg: Config, source: str) -> dict[str, int]:
+    """Reject colliding names and wrong class counts; return the counts per class."""
+    seen: dict[str, str] = {}
+    for e in entries:
+        if e.name in seen:
+            raise StageError(f"{seen[e.name]} and {e.shown} both become {e.name}; remove or rename one of them")
+        seen[e.name] = e.shown
+    if not entries:
+        raise StageError(f"{source}: no images found (.bmp/.png/.jpg named <CLS>_<n> or in class folders); "
+                         f"fix data.source or NEU_DATA_SOURCE")
+    counts = {c: sum(e.label == c for e in entries) for c in cfg.data.classes}
+    text = ", ".join(f"{c} {n}" for c, n in counts.items())
+    for c, n in counts.items():
+        if n == 0:
+            raise StageError(f"{source}: no images of class {c} ({text}); every class in data.classes needs images")
+        if cfg.data.expected_per_class is not None and n != cfg.data.expected_per_class:
+            raise StageError(f"{source}: {n} images of class {c}, expected {cfg.data.expected_per_class} ({text}); "
+                             f"fix the source, or set data.expected_per_class=any for a plant's own data")
+    return counts
+
+
+def check_image(path: Path, shown: str, size: int) -> tuple[int, int]:
+    """Decode ``path`` fully; require ``size`` x ``size`` 8-bit grayscale. Returns (width, height)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode, dims, palette = img.mode, img.size, img.getpalette() if img.mode == "P" else None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise StageError(f"{shown}: cannot be decoded as an image ({exc}); replace it with a good copy") from None
+    if dims != (size, size):
+        raise StageError(f"{shown}: is {dims[0]}x{dims[1]}, expected {size}x{size} (data.image_size); "
+                         f"replace or remove it")
+    # A palette image whose palette is the grey ramp 0..255 is grayscale stored another way.
+    grey = palette is not None and all(palette[i:i + 3] == [i // 3] * 3 for i in range(0, len(palette), 3))
+    if mode != "L" and not grey:
+        raise StageError(f"{shown}: mode {mode}, expected 8-bit single-channel grayscale (L); convert it")
+    return dims
+
+
+def read_checksums(path: Path) -> dict[str, str]:
+    """Read a sha256sum-format list into {file name: hex digest}."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        raise StageError(f"{path}: checksum list not found; restore it from git or fix data.checksums") from None
+    sums = {}
+    for line in filter(str.strip, lines):
+        digest, _, name = line.strip().partition(" ")
+        sums[PurePosixPath(name.lstrip(" *")).name] = digest.lower()
+    return sums
+
+
+def download(cfg: Config, raw_dir: Path = Path("data/raw"), *, cache_dir: Path = Path("data/cache"),
+             retry_delays: Sequence[float] = RETRY_DELAYS) -> DownloadResult:
+    """Fetch, validate and publish the images as ``raw_dir/NEU-CLS`` and ``raw_dir/manifest.csv``.
+
+    Raises:
+        StageError: bad source or bad data; ``raw_dir`` is then left untouched.
+    """
+    source = cfg.data.source
+    path = _source_path(source, Path(cache_dir), retry_delays)
+    raw_dir = Path(raw_dir)
+    raw_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".raw-tmp-", dir=raw_dir.parent))
+    try:
+        # Messages name files as the user wrote the source: "<folder>/<file>" or "<archive>:<member>".
+        if path.is_dir():
+            root, shown_root, place = path, source.rstrip("/") + "/", shutil.copyfile
+        else:
+            root, shown_root, place = work / "extract", source + ":", os.replace
+            extract(path, root)
+        entries = sorted(scan(root, cfg.data.classes, shown_root), key=lambda e: e.name)
+        counts = _check_names(entries, cfg, source)
+        new = work / "raw"
+        (new / IMAGES_SUBDIR).mkdir(parents=True)
+        rows = []
+        for e in entries:
+            out = new / IMAGES_SUBDIR / e.name
+            place(e.src, out)
+            width, height = check_image(out, e.shown, cfg.data.image_size)
+            rows.append((e.name, e.label, sha256_file(out), width, height))
+        verified = _verify_public(rows, entries, ROOT / cfg.data.checksums)
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows([MANIFEST_COLUMNS, *rows])
+        manifest = buf.getvalue().encode()
+        (new / MANIFEST_NAME).write_bytes(manifest)
+        replace_dir(new, raw_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    version = hashlib.sha256(manifest).hexdigest()
+    log.info("dataset version %s (sha256 of %s)", version, raw_dir / MANIFEST_NAME)
+    return DownloadResult(len(rows), counts, version[:12], verified)
+
+
+def _verify_public(rows: Sequence[tuple], entries: Sequence[_Entry], checksums: Path) -> bool:
+    """If the names are exactly the public set's, require every sha256 to match; else False."""
+    sums = read_checksums(checksums)
+    if {r[0] for r in rows} != set(sums):
+        log.info("file names differ from %s: a plant's own data, format checked only", checksums)
+        return False
+    for row, e in zip(rows, entries):
+        if row[2] != sums[row[0]]:
+            raise StageError(f"{e.shown}: sha256 {row[2][:12]}... does not match the public NEU-CLS list "
+                             f"{checksums}; the file is damaged or modified, get a clean copy")
+    return True
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The stage's command-line options."""
+    parser = argparse.ArgumentParser(description="Fetch and validate the NEU-CLS images into data/raw.")
+    add_config_args(parser)
+    parser.add_argument("--raw-dir", type=Path, default=Path("data/raw"),
+                        help="output folder: <raw-dir>/NEU-CLS and <raw-dir>/manifest.csv (default: data/raw)")
+    parser.add_argument("--cache-dir", type=Path, default=Path("data/cache"),
+                        help="where downloaded archives are kept between runs (default: data/cache)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> DownloadResult:
+    """Run the stage and print a short summary."""
+    args = get_args_parser().parse_args(argv)
+    cfg = load_config(args.params, args.overrides)
+    result = download(cfg, args.raw_dir, cache_dir=args.cache_dir)
+    counts = ", ".join(f"{c} {n}" for c, n in result.counts.items())
+    print(f"{result.n_images} images in {args.raw_dir / IMAGES_SUBDIR} ({counts})")
+    print(f"dataset version {result.dataset_version} ({args.raw_dir / MANIFEST_NAME})")
+    print("verified: public NEU-CLS set, every sha256 matches" if result.verified_sha256
+          else "checked: format only (not the public set)")
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(main))

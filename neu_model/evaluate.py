@@ -1,0 +1,111 @@
+"""Stage ``evaluate``: score the trained model on the test part, clean and corrupted.
+
+Writes ``reports/metrics.json`` (accuracy, macro_f1, per_class, robustness), the confusion
+matrix as ``reports/confusion.json`` (DVC's confusion template) and ``reports/confusion.png``,
+a gallery of every misclassified test image (``reports/misclassified.png``), per-image
+predictions (``reports/predictions.csv``) and per-corruption accuracy (``reports/robustness.csv``).
+
+    python -m neu_model.evaluate
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import torch
+from torch import nn
+
+from neu_model import corruptions
+from neu_model.cli import run_stage
+from neu_model.config import CLASSES, Config, add_config_args, load_config
+from neu_model.data import SPLIT_FILE, ImageSet, load_split, to_float
+from neu_model.figures import confusion_figure, gallery_figure
+from neu_model.files import write_json, write_text
+from neu_model.metrics import classification_metrics
+from neu_model.predict import load_model, predictions_frame
+from neu_model.train import MODEL_FILE, predict_logits, select_device
+
+log = logging.getLogger("neu_model.evaluate")
+
+REPORTS = Path("reports")
+
+
+def robustness(model: nn.Module, data: ImageSet, device: torch.device, batch_size: int) -> pd.DataFrame:
+    """Accuracy on each fixed corruption and severity of the suite."""
+    clean = to_float(data.images)
+    rows = []
+    for name, (_, severities) in corruptions.SUITE.items():
+        for severity in severities:
+            corrupted = (corruptions.corrupt(clean, name, severity) * 255).round().to(torch.uint8)
+            predicted = predict_logits(model, corrupted, device, batch_size).argmax(1)
+            rows.append({"case": f"{name} {severity:g}", "corruption": name, "severity": severity,
+                         "accuracy": round((predicted == data.labels).float().mean().item(), 6)})
+    return pd.DataFrame(rows)
+
+
+def _csv(frame: pd.DataFrame, path: Path) -> None:
+    buf = io.StringIO()
+    frame.to_csv(buf, index=False)
+    write_text(path, buf.getvalue())
+
+
+def evaluate(cfg: Config, model_file: Path = MODEL_FILE, split_file: Path = SPLIT_FILE,
+             image_dir: Path | None = None, reports: Path = REPORTS) -> dict:
+    """Evaluate on the test part and write every report; returns the metrics dict."""
+    device = select_device(cfg.train.device)
+    model, meta = load_model(model_file, device)
+    test = load_split("test", split_file, **({"image_dir": image_dir} if image_dir else {}))
+    start = time.perf_counter()
+    probs = predict_logits(model, test.images, device, cfg.evaluate.batch_size).softmax(1)
+    seconds = time.perf_counter() - start
+    predicted = probs.argmax(1)
+    metrics = classification_metrics(test.labels, predicted)
+    metrics |= {"n_test": len(test), "model": meta["model_name"],
+                "inference_images_per_second": round(len(test) / max(seconds, 1e-9), 1)}
+
+    frame = predictions_frame(test.files, probs)
+    frame.insert(1, "label", [CLASSES[i] for i in test.labels.tolist()])
+    _csv(frame, reports / "predictions.csv")
+    write_json(reports / "confusion.json",
+               [{"actual": a, "predicted": p} for a, p in zip(frame["label"], frame["predicted"])])
+    confusion_figure(metrics["confusion_matrix"], reports / "confusion.png",
+                     f"{meta['model_name']}: test accuracy {metrics['accuracy']:.2%}")
+    wrong = (predicted != test.labels).nonzero().flatten()
+    titles = [f"{test.files[i]}\ntrue {CLASSES[test.labels[i]]} → {CLASSES[predicted[i]]} ({probs[i].max():.2f})"
+              for i in wrong.tolist()]
+    gallery_figure(test.images[wrong], titles, reports / "misclassified.png")
+
+    if cfg.evaluate.robustness:
+        table = robustness(model, test, device, cfg.evaluate.batch_size)
+        _csv(table, reports / "robustness.csv")
+        metrics["robustness"] = {"mean_accuracy": round(table["accuracy"].mean(), 6)} | {
+            name: round(group["accuracy"].mean(), 6) for name, group in table.groupby("corruption", sort=False)}
+    write_json(reports / "metrics.json", metrics)
+    return metrics
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--model", type=Path, default=MODEL_FILE)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
+    cfg = load_config(args.params, args.overrides)
+    m = evaluate(cfg, args.model)
+    log.info("test accuracy %.4f  macro-F1 %.4f  errors %d (In<->PS %d)  robustness mean %s",
+             m["accuracy"], m["macro_f1"], m["errors"], m["in_ps_errors"],
+             m.get("robustness", {}).get("mean_accuracy", "n/a"))
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(main))

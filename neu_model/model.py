@@ -1,0 +1,140 @@
+"""The model registry: ``build_model(name)`` over a small dict, as timm does.
+
+Every model takes float32 input of shape (N, 1, 200, 200) with pixels in [0, 1] and returns
+logits over ``CLASSES``; any normalisation lives inside the model, so a logged model needs no
+preprocessing from its caller.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from neu_model.config import CLASSES
+
+
+class SeedCNN(nn.Module):
+    """The first public NEU-CLS model, reproduced faithfully as the reference.
+
+    Three 5x5 convolutions (1→32→64→128), each with ReLU and 3x3 max-pool, then dense layers
+    3,200 → 512 → 256 → 6. It was trained with MSE between the softmax output and one-hot
+    targets; the loss applies that softmax, so this module returns logits like the others.
+    """
+
+    def __init__(self, num_classes: int = len(CLASSES)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for c_in, c_out in ((1, 32), (32, 64), (64, 128)):
+            layers += [nn.Conv2d(c_in, c_out, 5), nn.ReLU(inplace=True), nn.MaxPool2d(3)]
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(128 * 5 * 5, 512), nn.ReLU(inplace=True),
+            nn.Linear(512, 256), nn.ReLU(inplace=True),
+            nn.Linear(256, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class Standardize(nn.Module):
+    """Per-image zero mean, unit variance: removes brightness and contrast shifts of the line's lighting."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        std = x.std(dim=(1, 2, 3), keepdim=True)
+        return (x - mean) / (std + 1e-3)
+
+
+def conv_bn(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    """3x3 convolution, batch norm, ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 conv-BN layers with an identity shortcut."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            conv_bn(channels, channels),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+        )
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x + self.body(x))
+
+
+class DefectNet(nn.Module):
+    """A small residual CNN sized for CPU training and fast inference.
+
+    The input is standardised per image and average-pooled 2x first: the defects are tens of
+    pixels across, so 100x100 loses nothing useful, quarters the cost of every later layer and
+    averages away pixel noise. Four stride-2 stages then widen the channels; global average
+    pooling makes the head independent of where the defect sits.
+    """
+
+    def __init__(self, num_classes: int = len(CLASSES), widths: tuple[int, ...] = (16, 32, 64, 128),
+                 dropout: float = 0.2) -> None:
+        super().__init__()
+        stages: list[nn.Module] = [Standardize(), nn.AvgPool2d(2), conv_bn(1, widths[0], stride=2)]
+        for c_in, c_out in zip(widths, widths[1:]):
+            stages += [conv_bn(c_in, c_out, stride=2), ResidualBlock(c_out)]
+        self.features = nn.Sequential(*stages)
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(widths[-1], num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "seed_cnn": SeedCNN,
+    "defectnet": DefectNet,
+}
+
+
+def build_model(name: str) -> nn.Module:
+    """Instantiate a registered model by name."""
+    try:
+        return MODELS[name]()
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}") from None
+
+
+def count_macs(model: nn.Module, image_size: int = 200) -> int:
+    """Multiply-accumulates of one forward pass on one image (convolutions and linear layers)."""
+    macs = 0
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal macs
+        if isinstance(module, nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+            macs += output[0].numel() * k
+        elif isinstance(module, nn.Linear):
+            macs += module.in_features * module.out_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 1, image_size, image_size))
+    model.train(was_training)
+    for h in handles:
+        h.remove()
+    return macs
+
+
+def count_params(model: nn.Module) -> int:
+    """Trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

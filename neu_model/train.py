@@ -1,0 +1,263 @@
+"""Stage ``train``: train the model selected by ``train.model`` with its recipe.
+
+Writes the best-on-validation weights to ``models/model.pt``, per-epoch curves to
+``reports/train_log.csv`` and a summary to ``reports/train_metrics.json``. A checkpoint is
+written atomically after every epoch; a killed run resumes from it and ends with the same
+weights as an uninterrupted one.
+
+    python -m neu_model.train [--set train.model=seed_cnn] [--set train.device=cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neu_model import provenance
+from neu_model.augment import augment
+from neu_model.cli import StageError, run_stage
+from neu_model.config import CLASSES, Config, Recipe, add_config_args, load_config
+from neu_model.data import MANIFEST, SPLIT_FILE, ImageSet, load_split, to_float
+from neu_model.figures import curves_figure
+from neu_model.files import torch_save, write_json, write_text
+from neu_model.model import build_model, count_macs, count_params
+from neu_model.progress import progress
+
+log = logging.getLogger("neu_model.train")
+
+MODEL_FILE = Path("models/model.pt")
+CHECKPOINT_FILE = Path("models/checkpoint.pt")
+TRAIN_LOG = Path("reports/train_log.csv")
+TRAIN_METRICS = Path("reports/train_metrics.json")
+TRAIN_CURVES = Path("reports/train_curves.png")
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then Apple MPS, then the CPU; anything else is used as given."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """Adam or AdamW; weight decay skips biases and norm weights, as is usual."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    if recipe.optimizer not in optimizers:
+        raise StageError(f"params.yaml: optimizer {recipe.optimizer!r} unknown; use one of {sorted(optimizers)}")
+    return optimizers[recipe.optimizer](groups, lr=recipe.lr)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step learning-rate factor: constant, or linear warm-up then cosine decay (``onecycle``)."""
+    total = max(1, recipe.epochs * steps_per_epoch)
+    warmup = recipe.warmup_epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if recipe.schedule == "constant":
+            return 1.0
+        if step < warmup:
+            return (step + 1) / warmup
+        progress_ = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
+
+    if recipe.schedule not in ("constant", "onecycle"):
+        raise StageError(f"params.yaml: schedule {recipe.schedule!r} unknown; use constant or onecycle")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def loss_fn(logits: torch.Tensor, target: torch.Tensor, recipe: Recipe) -> torch.Tensor:
+    """Cross-entropy, or the baseline's MSE between softmax output and one-hot targets."""
+    if recipe.loss == "mse":
+        one_hot = F.one_hot(target, logits.shape[1]).float()
+        return F.mse_loss(logits.float().softmax(dim=1), one_hot)
+    return F.cross_entropy(logits.float(), target, label_smoothing=recipe.label_smoothing)
+
+
+def epoch_order(n: int, recipe: Recipe, seed: int, epoch: int) -> torch.Tensor:
+    """The sample order of one epoch; without shuffling, one seeded order kept for every epoch."""
+    gen = torch.Generator().manual_seed(seed * 1000 + (epoch if recipe.shuffle else 0))
+    return torch.randperm(n, generator=gen)
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+    seconds: float
+
+
+def train_one_epoch(model: nn.Module, data: ImageSet, recipe: Recipe, optimizer: torch.optim.Optimizer,
+                    scheduler, device: torch.device, seed: int, epoch: int) -> EpochStats:
+    """One pass over the training images; randomness depends only on (seed, epoch) so a resume is exact."""
+    model.train()
+    torch.manual_seed(seed * 1000 + epoch)  # dropout
+    gen = torch.Generator().manual_seed(seed * 1000 + epoch + 7919)  # augmentation
+    order = epoch_order(len(data), recipe, seed, epoch)
+    use_amp = device.type == "cuda"
+    total_loss, correct, start = 0.0, 0, time.perf_counter()
+    batches = range(0, len(order), recipe.batch_size)
+    for i in progress(batches, desc=f"epoch {epoch + 1}/{recipe.epochs}", unit="batch"):
+        idx = order[i: i + recipe.batch_size]
+        x = augment(to_float(data.images[idx]), recipe.augment, gen).to(device, non_blocking=True)
+        y = data.labels[idx].to(device, non_blocking=True)
+        if use_amp:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            logits = model(x)
+        loss = loss_fn(logits, y, recipe)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.item() * len(idx)
+        correct += (logits.argmax(1) == y).sum().item()
+    return EpochStats(total_loss / len(data), correct / len(data), time.perf_counter() - start)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 64) -> torch.Tensor:
+    """Logits for uint8 images (N, 1, H, W), computed in batches, returned on the CPU."""
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = to_float(images[i: i + batch_size]).to(device)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        out.append(model(x).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, len(CLASSES))
+
+
+def evaluate(model: nn.Module, data: ImageSet, recipe: Recipe, device: torch.device) -> EpochStats:
+    """Loss and accuracy on held-out images."""
+    start = time.perf_counter()
+    logits = predict_logits(model, data.images, device)
+    loss = loss_fn(logits, data.labels, recipe).item()
+    acc = (logits.argmax(1) == data.labels).float().mean().item()
+    return EpochStats(loss, acc, time.perf_counter() - start)
+
+
+def run_key(cfg: Config, split_file: Path) -> str:
+    """What a checkpoint must match to be resumed: the resolved config and the exact split."""
+    return provenance.file_digest(split_file) + ":" + repr(sorted(cfg.to_dict().items()))
+
+
+def _write_log(history: list[dict], path: Path) -> None:
+    buf = io.StringIO()
+    pd.DataFrame(history).to_csv(buf, index=False)
+    write_text(path, buf.getvalue())
+
+
+def train(cfg: Config, split_file: Path = SPLIT_FILE, image_dir: Path | None = None,
+          model_file: Path = MODEL_FILE, checkpoint_file: Path = CHECKPOINT_FILE,
+          log_file: Path = TRAIN_LOG, metrics_file: Path = TRAIN_METRICS, manifest: Path = MANIFEST) -> dict:
+    """Train, checkpoint every epoch, keep the best-on-validation weights.
+
+    Returns:
+        The training summary written to ``metrics_file``.
+    """
+    recipe = cfg.train.recipe
+    device = select_device(cfg.train.device)
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+    kwargs = {"split_file": split_file} | ({"image_dir": image_dir} if image_dir else {})
+    train_set, val_set = load_split("train", **kwargs), load_split("val", **kwargs)
+    if not len(train_set):
+        raise StageError(f"{split_file}: no training images; run the split stage on a larger set")
+    log.info("model %s on %s: %d train / %d val images, %d epochs", cfg.train.model, device,
+             len(train_set), len(val_set), recipe.epochs)
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.train.model)
+    macs, params = count_macs(model, cfg.data.image_size), count_params(model)
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, recipe)
+    scheduler = make_scheduler(optimizer, recipe, math.ceil(len(train_set) / recipe.batch_size))
+    key = run_key(cfg, split_file)
+    state = {"epoch": 0, "history": [], "best": None, "best_score": None}
+    if checkpoint_file.exists():
+        ckpt = torch.load(checkpoint_file, map_location=device, weights_only=True)
+        if ckpt.get("run_key") == key:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            state = ckpt["state"]
+            log.info("resuming from %s after epoch %d", checkpoint_file, state["epoch"])
+
+    for epoch in range(state["epoch"], recipe.epochs):
+        tr = train_one_epoch(model, train_set, recipe, optimizer, scheduler, device, cfg.seed, epoch)
+        va = evaluate(model, val_set, recipe, device) if len(val_set) else EpochStats(tr.loss, tr.accuracy, 0.0)
+        row = {"epoch": epoch + 1, "train_loss": tr.loss, "train_accuracy": tr.accuracy, "val_loss": va.loss,
+               "val_accuracy": va.accuracy, "lr": scheduler.get_last_lr()[0], "seconds": tr.seconds}
+        state["history"].append(row)
+        score = (va.accuracy, -va.loss)
+        if state["best_score"] is None or score > tuple(state["best_score"]):
+            state["best_score"] = list(score)
+            state["best"] = {"epoch": epoch + 1, "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+        state["epoch"] = epoch + 1
+        log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  %.1fs (%.0f img/s)",
+                 epoch + 1, recipe.epochs, tr.loss, tr.accuracy, va.loss, va.accuracy, tr.seconds,
+                 len(train_set) / tr.seconds)
+        torch_save({"run_key": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "state": state, "config": cfg.to_dict(),
+                    "git_sha": provenance.git_sha()}, checkpoint_file)
+        _write_log(state["history"], log_file)
+
+    history = state["history"]
+    train_seconds = sum(r["seconds"] for r in history)
+    best = state["best"]
+    summary = {
+        "model": cfg.train.model, "device": str(device), "epochs": recipe.epochs, "best_epoch": best["epoch"],
+        "val_accuracy": history[best["epoch"] - 1]["val_accuracy"], "train_seconds": round(train_seconds, 2),
+        "seconds_per_epoch": round(train_seconds / len(history), 2),
+        "train_images_per_second": round(len(train_set) * len(history) / train_seconds, 1),
+        "params": params, "macs": macs,
+    }
+    torch_save({"model_name": cfg.train.model, "state_dict": best["state_dict"], "classes": list(CLASSES),
+                "config": cfg.to_dict(), "git_sha": provenance.git_sha(), "git_dirty": provenance.git_dirty(),
+                "dataset_version": provenance.dataset_version(manifest) if Path(manifest).exists() else "unknown",
+                "summary": summary}, model_file)
+    _write_log(history, log_file)
+    curves_figure(pd.DataFrame(history), Path(log_file).with_name(TRAIN_CURVES.name))
+    write_json(metrics_file, summary)
+    return summary
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
+    cfg = load_config(args.params, args.overrides)
+    if args.fresh:
+        CHECKPOINT_FILE.unlink(missing_ok=True)
+    summary = train(cfg)
+    log.info("wrote %s: %s", MODEL_FILE, summary)
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(main))

@@ -1,0 +1,70 @@
+"""Shared fixtures: a tiny real-image data set, its split, and a model trained on it for one epoch."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from neu_model.cli import disable_telemetry
+from neu_model.config import DATA_SOURCE_ENV, ROOT, Config, load_config
+
+disable_telemetry()
+os.environ["NEU_PROGRESS"] = "0"
+
+FIXTURE_IMAGES = ROOT / "tests" / "fixtures" / "NEU-tiny"  # 30 real BMPs: 5 a class, Pa_101 == Pa_105
+# One epoch, small batches, no robustness suite: what every fixture-sized run overrides.
+TINY = [
+    "data.expected_per_class=any",
+    "train.recipes.defectnet.epochs=1",
+    "train.recipes.defectnet.batch_size=8",
+    "train.recipes.seed_cnn.epochs=1",
+    "train.device=cpu",
+]
+
+
+def tiny_config(*overrides: str) -> Config:
+    """The repository's params with the fixture-sized overrides and ``overrides`` on top."""
+    return load_config(overrides=[f"data.source={FIXTURE_IMAGES}", *TINY, *overrides])
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+    raw: Path
+    split: Path
+
+    @property
+    def images(self) -> Path:
+        return self.raw / "NEU-CLS"
+
+
+@pytest.fixture(autouse=True)
+def _no_env_source(monkeypatch):
+    monkeypatch.delenv(DATA_SOURCE_ENV, raising=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Workspace:
+    """The fixture images downloaded and split, as the first two stages leave them."""
+    from neu_model.download import download
+    from neu_model.split import split
+
+    root = tmp_path_factory.mktemp("tiny")
+    cfg = tiny_config()
+    download(cfg, root / "data" / "raw", cache_dir=root / "data" / "cache")
+    split(cfg, root / "data" / "raw" / "manifest.csv", root / "data" / "split.csv")
+    return Workspace(root, root / "data" / "raw", root / "data" / "split.csv")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_data, tmp_path_factory) -> Path:
+    """A defectnet trained one epoch on the fixture; returns models/model.pt."""
+    from neu_model.train import train
+
+    out = tmp_path_factory.mktemp("model")
+    train(tiny_config(), tiny_data.split, tiny_data.images, out / "model.pt", out / "checkpoint.pt",
+          out / "train_log.csv", out / "train_metrics.json", tiny_data.raw / "manifest.csv")
+    return out / "model.pt"

@@ -1,0 +1,49 @@
+"""params.yaml → frozen dataclasses, dotted overrides and the data-source variable."""
+
+import dataclasses
+
+import pytest
+
+from neu_model.config import DATA_SOURCE_ENV, ConfigError, from_dict, load_config, load_raw
+
+
+def test_params_file_loads_into_frozen_config():
+    cfg = load_config()
+    assert cfg.train.model in cfg.train.recipes
+    assert cfg.train.recipe is cfg.train.recipes[cfg.train.model]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 1  # type: ignore[misc]
+
+
+def test_dotted_overrides_are_typed_as_yaml():
+    cfg = load_config(overrides=["train.model=seed_cnn", "train.recipes.seed_cnn.lr=0.01",
+                                 "data.expected_per_class=any", "seed=7"])
+    assert cfg.train.recipe.lr == 0.01 and cfg.train.recipe.loss == "mse"
+    assert cfg.data.expected_per_class is None
+    assert cfg.seed == 7
+
+
+@pytest.mark.parametrize("override", ["train.modle=x", "nosuch.key=1", "seed"])
+def test_bad_override_names_the_key(override):
+    with pytest.raises(ConfigError, match="override"):
+        load_config(overrides=[override])
+
+
+def test_unknown_model_is_refused():
+    with pytest.raises(ConfigError, match="train.model"):
+        load_config(overrides=["train.model=resnet999"])
+
+
+def test_environment_variable_overrides_data_source(monkeypatch):
+    monkeypatch.setenv(DATA_SOURCE_ENV, "/plant/images")
+    assert load_config().data.source == "/plant/images"
+
+
+def test_resolved_config_round_trips():
+    cfg = load_config(overrides=["train.model=seed_cnn"])
+    assert from_dict(cfg.to_dict()) == cfg
+
+
+def test_missing_params_file_is_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_raw(tmp_path / "params.yaml")

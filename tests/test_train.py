@@ -1,0 +1,92 @@
+"""Training: outputs, determinism, exact resume after a kill."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+import neu_model.train as train_mod
+from neu_model.train import select_device, train
+
+from conftest import tiny_config
+
+
+def _train(ws, out, cfg):
+    return train(cfg, ws.split, ws.images, out / "model.pt", out / "ckpt.pt", out / "log.csv",
+                 out / "metrics.json", ws.raw / "manifest.csv")
+
+
+def test_outputs_are_loadable_and_complete(tiny_model):
+    saved = torch.load(tiny_model, weights_only=True)
+    assert saved["model_name"] == "defectnet"
+    assert saved["classes"] == ["Cr", "In", "Pa", "PS", "RS", "Sc"]
+    assert saved["config"]["train"]["model"] == "defectnet"
+    assert len(saved["git_sha"]) in (40, 7) or saved["git_sha"] == "unknown"
+    log = pd.read_csv(tiny_model.with_name("train_log.csv"))
+    assert list(log["epoch"]) == [1]
+    assert {"train_loss", "val_loss", "train_accuracy", "val_accuracy"} <= set(log.columns)
+    summary = json.loads(tiny_model.with_name("train_metrics.json").read_text())
+    assert summary["train_images_per_second"] > 0 and summary["macs"] > 0
+
+
+def test_same_seed_same_weights(tiny_data, tmp_path):
+    cfg = tiny_config("train.model=seed_cnn")
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    _train(tiny_data, tmp_path / "a", cfg)
+    _train(tiny_data, tmp_path / "b", cfg)
+    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_identical_weights(tiny_data, tmp_path, monkeypatch):
+    cfg = tiny_config("train.recipes.defectnet.epochs=3")
+    (tmp_path / "full").mkdir(), (tmp_path / "killed").mkdir()
+    _train(tiny_data, tmp_path / "full", cfg)
+
+    real_epoch = train_mod.train_one_epoch
+    calls = []
+
+    def dies_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", dies_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_data, tmp_path / "killed", cfg)
+    assert not (tmp_path / "killed" / "model.pt").exists()
+    monkeypatch.setattr(train_mod, "train_one_epoch", real_epoch)
+    _train(tiny_data, tmp_path / "killed", cfg)
+
+    full = torch.load(tmp_path / "full" / "model.pt", weights_only=True)["state_dict"]
+    resumed = torch.load(tmp_path / "killed" / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    log = pd.read_csv(tmp_path / "killed" / "log.csv")
+    assert list(log["epoch"]) == [1, 2, 3]
+
+
+def test_changed_config_does_not_resume(tiny_data, tmp_path):
+    _train(tiny_data, tmp_path, tiny_config())
+    summary = _train(tiny_data, tmp_path, tiny_config("train.recipes.defectnet.lr=0.0001"))
+    assert summary["epochs"] == 1
+    assert list(pd.read_csv(tmp_path / "log.csv")["epoch"]) == [1]
+
+
+def test_device_selection():
+    assert select_device("cpu").type == "cpu"
+    expected = "cuda" if torch.cuda.is_available() else None
+    if expected:
+        assert select_device("auto").type == "cuda"
+    else:
+        assert select_device("auto").type in ("cpu", "mps")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_trains_on_cuda_with_mixed_precision(tiny_data, tmp_path):
+    summary = _train(tiny_data, tmp_path, tiny_config("train.device=cuda"))
+    assert summary["device"].startswith("cuda")

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from neu_model.cli import disable_telemetry
 from neu_model.config import DATA_SOURCE_ENV, ROOT, Config, load_config
@@ -68,3 +72,35 @@ def tiny_model(tiny_data, tmp_path_factory) -> Path:
     train(tiny_config(), tiny_data.split, tiny_data.images, out / "model.pt", out / "checkpoint.pt",
           out / "train_log.csv", out / "train_metrics.json", tiny_data.raw / "manifest.csv")
     return out / "model.pt"
+
+
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", "neu_model", "flows", "tasks", ".dvc/config", ".dvcignore"]
+
+
+def make_project(root: Path, *overrides: str) -> Path:
+    """A fresh git + DVC copy of the project in ``root`` whose params.yaml is fixture-sized."""
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, root / name)
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    for override in [*TINY, *overrides]:
+        key, _, value = override.partition("=")
+        *parents, leaf = key.split(".")
+        node = raw
+        for p in parents:
+            node = node[p]
+        node[leaf] = yaml.safe_load(value)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    return root
+
+
+def run_in_project(args, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """Run a command in a project copy with the venv first on PATH and the fixture as data source."""
+    full_env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                             "PYTHONPATH": str(cwd), DATA_SOURCE_ENV: str(FIXTURE_IMAGES)} | env
+    return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600)

@@ -1,56 +1,26 @@
 """A smoke run of the whole ``dvc repro`` chain on the tiny fixture: real DVC, 1 epoch, CPU."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from neu_model.config import DATA_SOURCE_ENV, ROOT
 
-from conftest import FIXTURE_IMAGES, TINY
+from conftest import FIXTURE_IMAGES, make_project, run_in_project
 
 pytestmark = pytest.mark.slow
 
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", "neu_model", ".dvc/config", ".dvcignore"]
-
-
-def _set(raw: dict, dotted: str) -> None:
-    key, _, value = dotted.partition("=")
-    *parents, leaf = key.split(".")
-    node = raw
-    for p in parents:
-        node = node[p]
-    node[leaf] = yaml.safe_load(value)
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """A fresh git + DVC copy of the project whose params.yaml is fixture-sized."""
-    root = tmp_path_factory.mktemp("project")
-    for name in PROJECT_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, root / name)
-    raw = yaml.safe_load((root / "params.yaml").read_text())
-    for override in TINY:
-        _set(raw, override)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    return root
+    return make_project(tmp_path_factory.mktemp("project"))
 
 
 def run(args, cwd, **env):
-    full_env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-                             "PYTHONPATH": str(cwd), DATA_SOURCE_ENV: str(FIXTURE_IMAGES)} | env
-    return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600)
+    return run_in_project(args, cwd, **env)
 
 
 def test_dvc_repro_runs_every_stage_then_does_nothing(project):

@@ -1,6 +1,11 @@
 # Everything sets itself up: the first target you run creates .venv from requirements.lock.
 #   make pipeline   the whole chain on the real data (dvc repro)
 #   make test       the test suite
+#   make bench      train and score every model, print a table (ARGS="--seeds 0 1 2 --epochs 5")
+#   make retrain    the Prefect training flow once (ARGS="--set key=value --device cuda")
+#   make serve      the training flow as a deployment on a cron schedule (CRON="0 3 * * 1")
+#   make ui         the MLflow UI on http://127.0.0.1:$(UI_PORT) over this project's store (docs/mlflow.md)
+#   make registry   versions, aliases and promotion history of the registered model
 # Data source: params.yaml's data.source, or NEU_DATA_SOURCE when set.
 
 SHELL := /bin/bash
@@ -17,7 +22,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
-.PHONY: pipeline test test-fast install clean-outputs
+.PHONY: pipeline test test-fast install clean-outputs retrain serve bench
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,8 +37,29 @@ pipeline: $(STAMP)
 	$(BIN)/dvc repro
 	$(BIN)/dvc metrics show
 
+# Prefect: no server needed (a temporary one starts), or PREFECT_API_URL's; state in .prefect/ (prefect.toml).
+retrain: $(STAMP)
+	$(PY) -m flows.training run $(ARGS)
+
+CRON ?= 0 3 * * 1
+serve: $(STAMP)
+	$(PY) -m flows.training serve --cron "$(CRON)" $(ARGS)
+
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_models.py $(ARGS)
+
+# MLflow: run metadata in mlflow.db (MLFLOW_TRACKING_URI), artifacts in mlruns/ beside it.
+.PHONY: ui registry
+UI_PORT ?= 5000
+ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --default-artifact-root "$(CURDIR)/mlruns" \
+		--host 127.0.0.1 --port $(UI_PORT)
+
+registry: $(STAMP)
+	$(PY) -m neu_model.register --history

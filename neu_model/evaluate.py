@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from neu_model import corruptions
+from neu_model import corruptions, tracking
 from neu_model.cli import run_stage
 from neu_model.config import CLASSES, Config, add_config_args, load_config
 from neu_model.data import SPLIT_FILE, ImageSet, load_split, to_float
@@ -59,6 +59,7 @@ def _csv(frame: pd.DataFrame, path: Path) -> None:
 def evaluate(cfg: Config, model_file: Path = MODEL_FILE, split_file: Path = SPLIT_FILE,
              image_dir: Path | None = None, reports: Path = REPORTS) -> dict:
     """Evaluate on the test part and write every report; returns the metrics dict."""
+    run = tracking.open_run(reports / tracking.RUN_FILE.name, model_file)  # checks the store before any work
     device = select_device(cfg.train.device)
     model, meta = load_model(model_file, device)
     test = load_split("test", split_file, **({"image_dir": image_dir} if image_dir else {}))
@@ -82,12 +83,15 @@ def evaluate(cfg: Config, model_file: Path = MODEL_FILE, split_file: Path = SPLI
               for i in wrong.tolist()]
     gallery_figure(test.images[wrong], titles, reports / "misclassified.png")
 
+    # Written either way: dvc.yaml declares the file, so a run without the suite leaves it empty.
+    table = (robustness(model, test, device, cfg.evaluate.batch_size) if cfg.evaluate.robustness
+             else pd.DataFrame(columns=["case", "corruption", "severity", "accuracy"]))
+    _csv(table, reports / "robustness.csv")
     if cfg.evaluate.robustness:
-        table = robustness(model, test, device, cfg.evaluate.batch_size)
-        _csv(table, reports / "robustness.csv")
         metrics["robustness"] = {"mean_accuracy": round(table["accuracy"].mean(), 6)} | {
             name: round(group["accuracy"].mean(), 6) for name, group in table.groupby("corruption", sort=False)}
     write_json(reports / "metrics.json", metrics)
+    tracking.log_evaluation(run, metrics, reports, split_file)
     return metrics
 
 

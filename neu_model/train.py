@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neu_model import provenance
+from neu_model import provenance, tracking
 from neu_model.augment import augment
 from neu_model.cli import StageError, run_stage
 from neu_model.config import CLASSES, Config, Recipe, add_config_args, load_config
@@ -175,6 +175,7 @@ def train(cfg: Config, split_file: Path = SPLIT_FILE, image_dir: Path | None = N
         The training summary written to ``metrics_file``.
     """
     recipe = cfg.train.recipe
+    tracking.connect()  # an MLflow store that does not answer fails here, not after training
     device = select_device(cfg.train.device)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
@@ -204,43 +205,52 @@ def train(cfg: Config, split_file: Path = SPLIT_FILE, image_dir: Path | None = N
             state = ckpt["state"]
             log.info("resuming from %s after epoch %d", checkpoint_file, state["epoch"])
 
-    for epoch in range(state["epoch"], recipe.epochs):
-        tr = train_one_epoch(model, train_set, recipe, optimizer, scheduler, device, cfg.seed, epoch)
-        va = evaluate(model, val_set, recipe, device) if len(val_set) else EpochStats(tr.loss, tr.accuracy, 0.0)
-        row = {"epoch": epoch + 1, "train_loss": tr.loss, "train_accuracy": tr.accuracy, "val_loss": va.loss,
-               "val_accuracy": va.accuracy, "lr": scheduler.get_last_lr()[0], "seconds": tr.seconds}
-        state["history"].append(row)
-        score = (va.accuracy, -va.loss)
-        if state["best_score"] is None or score > tuple(state["best_score"]):
-            state["best_score"] = list(score)
-            state["best"] = {"epoch": epoch + 1, "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-        state["epoch"] = epoch + 1
-        log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  %.1fs (%.0f img/s)",
-                 epoch + 1, recipe.epochs, tr.loss, tr.accuracy, va.loss, va.accuracy, tr.seconds,
-                 len(train_set) / tr.seconds)
-        torch_save({"run_key": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "state": state, "config": cfg.to_dict(),
-                    "git_sha": provenance.git_sha()}, checkpoint_file)
-        _write_log(state["history"], log_file)
+    # One MLflow run per training; it checked the store before any epoch and ends FAILED if one raises.
+    dataset_version = provenance.dataset_version(manifest) if Path(manifest).exists() else "unknown"
+    with tracking.train_run(cfg, key=key, device=device, split_file=split_file, manifest=manifest,
+                            resume=state["epoch"] > 0) as run:
+        run.log_history(state["history"])  # epochs of a resumed checkpoint
+        for epoch in range(state["epoch"], recipe.epochs):
+            tr = train_one_epoch(model, train_set, recipe, optimizer, scheduler, device, cfg.seed, epoch)
+            va = evaluate(model, val_set, recipe, device) if len(val_set) else EpochStats(tr.loss, tr.accuracy, 0.0)
+            row = {"epoch": epoch + 1, "train_loss": tr.loss, "train_accuracy": tr.accuracy, "val_loss": va.loss,
+                   "val_accuracy": va.accuracy, "lr": scheduler.get_last_lr()[0], "seconds": tr.seconds}
+            state["history"].append(row)
+            score = (va.accuracy, -va.loss)
+            if state["best_score"] is None or score > tuple(state["best_score"]):
+                state["best_score"] = list(score)
+                state["best"] = {"epoch": epoch + 1, "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+            state["epoch"] = epoch + 1
+            log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  %.1fs (%.0f img/s)",
+                     epoch + 1, recipe.epochs, tr.loss, tr.accuracy, va.loss, va.accuracy, tr.seconds,
+                     len(train_set) / tr.seconds)
+            torch_save({"run_key": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "state": state, "config": cfg.to_dict(),
+                        "git_sha": provenance.git_sha()}, checkpoint_file)
+            _write_log(state["history"], log_file)
+            run.log_epoch(row)
 
-    history = state["history"]
-    train_seconds = sum(r["seconds"] for r in history)
-    best = state["best"]
-    summary = {
-        "model": cfg.train.model, "device": str(device), "epochs": recipe.epochs, "best_epoch": best["epoch"],
-        "val_accuracy": history[best["epoch"] - 1]["val_accuracy"], "train_seconds": round(train_seconds, 2),
-        "seconds_per_epoch": round(train_seconds / len(history), 2),
-        "train_images_per_second": round(len(train_set) * len(history) / train_seconds, 1),
-        "params": params, "macs": macs,
-    }
-    torch_save({"model_name": cfg.train.model, "state_dict": best["state_dict"], "classes": list(CLASSES),
-                "config": cfg.to_dict(), "git_sha": provenance.git_sha(), "git_dirty": provenance.git_dirty(),
-                "dataset_version": provenance.dataset_version(manifest) if Path(manifest).exists() else "unknown",
-                "summary": summary}, model_file)
-    _write_log(history, log_file)
-    curves_figure(pd.DataFrame(history), Path(log_file).with_name(TRAIN_CURVES.name))
-    write_json(metrics_file, summary)
-    return summary
+        history = state["history"]
+        train_seconds = sum(r["seconds"] for r in history)
+        best = state["best"]
+        summary = {
+            "model": cfg.train.model, "device": str(device), "epochs": recipe.epochs, "best_epoch": best["epoch"],
+            "val_accuracy": history[best["epoch"] - 1]["val_accuracy"], "train_seconds": round(train_seconds, 2),
+            "seconds_per_epoch": round(train_seconds / len(history), 2),
+            "train_images_per_second": round(len(train_set) * len(history) / train_seconds, 1),
+            "params": params, "macs": macs,
+        }
+        torch_save({"model_name": cfg.train.model, "state_dict": best["state_dict"], "classes": list(CLASSES),
+                    "config": cfg.to_dict(), "git_sha": provenance.git_sha(), "git_dirty": provenance.git_dirty(),
+                    "dataset_version": dataset_version,
+                    "summary": summary}, model_file)
+        _write_log(history, log_file)
+        curves_file = Path(log_file).with_name(TRAIN_CURVES.name)
+        curves_figure(pd.DataFrame(history), curves_file)
+        write_json(metrics_file, summary)
+        run.finish(cfg, summary, model_file, [curves_file, log_file, metrics_file],
+                   Path(log_file).with_name(tracking.RUN_FILE.name), dataset_version)
+        return summary
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -26,6 +26,7 @@ TINY = [
     "train.recipes.defectnet.batch_size=8",
     "train.recipes.seed_cnn.epochs=1",
     "train.device=cpu",
+    "evaluate.robustness=false",  # test_evaluate runs the suite; elsewhere it only costs time
 ]
 
 
@@ -48,6 +49,23 @@ class Workspace:
 @pytest.fixture(autouse=True)
 def _no_env_source(monkeypatch):
     monkeypatch.delenv(DATA_SOURCE_ENV, raising=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(tmp_path_factory) -> Path:
+    """One throwaway MLflow store (SQLite + mlruns/) for the session: no test writes the project's mlflow.db.
+
+    Created once because creating a SQLite store runs MLflow's migrations (seconds); tests keep
+    apart by using their own experiment or registered-model names. Subprocesses inherit the URI.
+    """
+    root = tmp_path_factory.mktemp("mlflow")
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/mlflow.db"
+    yield root
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
 @pytest.fixture(scope="session")

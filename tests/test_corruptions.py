@@ -31,3 +31,32 @@ def test_augment_is_reproducible_per_seed(images):
 def test_unknown_augment():
     with pytest.raises(ValueError, match="unknown augment"):
         augment(torch.zeros(1, 1, 8, 8), "wild", torch.Generator())
+
+
+def test_geometric_is_a_symmetry_of_a_reflect_padded_crop():
+    import torch.nn.functional as F
+
+    from neu_model.augment import geometric
+
+    x = torch.rand(6, 1, 12, 12, generator=torch.Generator().manual_seed(3))
+    pad = 3
+    out = geometric(x, torch.Generator().manual_seed(0), pad=pad)
+    padded = F.pad(x, (pad,) * 4, mode="reflect")
+    for i in range(len(x)):
+        candidates = [
+            torch.rot90(crop.flip(-1) if flip else crop, turns, dims=(-2, -1))
+            for oy in range(2 * pad + 1) for ox in range(2 * pad + 1)
+            for crop in [padded[i, :, oy: oy + 12, ox: ox + 12]]
+            for flip in (False, True) for turns in range(4)
+        ]
+        assert any(torch.equal(out[i], c) for c in candidates)
+
+
+def test_robust_one_leaves_a_share_of_the_batch_clean(images):
+    from neu_model.augment import photometric_one
+
+    x = torch.rand(400, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    out = photometric_one(x, torch.Generator().manual_seed(0), p=0.75)
+    clean = (out == x).flatten(1).all(1).float().mean().item()
+    assert 0.15 < clean < 0.45  # 25 % untouched, plus the few that a mild corruption leaves unchanged
+    assert out.min() >= 0 and out.max() <= 1

@@ -34,3 +34,20 @@ def test_seed_cnn_matches_the_public_baseline():
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="unknown model"):
         build_model("nope")
+
+
+def test_trimmed_pool_is_the_mean_of_the_middle_two_and_drops_one_outlier_per_block():
+    from neu_model.model import TrimmedPool2d
+
+    x = torch.rand(2, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    blocks = x.reshape(2, 1, 3, 2, 3, 2).permute(0, 1, 2, 4, 3, 5).reshape(2, 1, 3, 3, 4).sort(-1).values
+    assert torch.allclose(TrimmedPool2d()(x), (blocks[..., 1] + blocks[..., 2]) / 2, atol=1e-6)
+    flat = torch.full((1, 1, 4, 4), 0.5)
+    dusty = flat.clone()
+    dusty[0, 0, ::2, ::2] = 0.0  # one dark pixel in every 2x2 block
+    assert torch.allclose(TrimmedPool2d()(dusty), TrimmedPool2d()(flat))
+
+
+def test_defectnet_stays_cheap():
+    model = build_model("defectnet")
+    assert count_macs(model) < 35e6 and count_params(model) < 1e6

@@ -1,12 +1,14 @@
 """A smoke run of the whole ``dvc repro`` chain on the tiny fixture: real DVC, 1 epoch, CPU."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
 from neu_model.config import DATA_SOURCE_ENV, ROOT
 
@@ -29,14 +31,23 @@ def test_dvc_repro_runs_every_stage_then_does_nothing(project):
     assert src.returncode == 0, src.stderr
     first = run([dvc, "repro"], project)
     assert first.returncode == 0, first.stdout + first.stderr
-    for stage in ("download", "split", "train", "evaluate"):
+    for stage in ("download", "split", "train", "evaluate", "register"):
         assert f"Running stage '{stage}'" in first.stdout
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
+    registration = json.loads((project / "reports" / "registration.json").read_text())
+    run_id = json.loads((project / "reports" / "run.json").read_text())["run_id"]
+    assert registration["run_id"] == run_id and registration["test_accuracy"] == metrics["accuracy"]
     assert 0 <= metrics["accuracy"] <= 1 and "per_class" in metrics
     assert (project / "models" / "model.pt").exists()
     assert (project / "dvc.lock").exists()
 
+    # The session's throwaway store (conftest), inherited by dvc's stages; named explicitly because
+    # MLflow's global URI may still point where an earlier test's in-process code left it.
+    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    experiment = client.get_run(run_id).info.experiment_id
+    n_runs = len(client.search_runs([experiment]))
     again = run([dvc, "repro"], project)
+    assert len(client.search_runs([experiment])) == n_runs  # skipped stages create no (empty) run
     assert again.returncode == 0
     assert "Running stage" not in again.stdout
     assert "up to date" in again.stdout

@@ -1,0 +1,124 @@
+"""Train and score every registered model over seeds; print one Markdown table.
+
+    python benchmarks/bench_models.py                          # all models, seed 0, their recipes
+    python benchmarks/bench_models.py --models defectnet --seeds 0 1 2
+    python benchmarks/bench_models.py --models seed_cnn --epochs 3   # speed columns only
+
+Each (model, seed) gets its own split of the downloaded set (``split.test_fraction`` of
+params.yaml, seeded like the pipeline), is trained with its recipe from params.yaml (``--epochs``
+overrides the epochs) and evaluated with the evaluate stage, robustness suite included.
+Everything is written under ``--workdir`` (a temporary folder by default): nothing in
+``data/``, ``models/`` or ``reports/`` is touched, and MLflow logs to a store in the work
+folder unless ``MLFLOW_TRACKING_URI`` is set. Not part of the test suite: it takes minutes
+per model and seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from neu_model.config import load_config  # noqa: E402
+from neu_model.model import MODELS, build_model, count_macs, count_params  # noqa: E402
+
+
+def inference_speed(name: str, batch_size: int, repeats: int = 7, size: int = 200) -> float:
+    """Median images/s of a freshly built model in eval mode (weights do not change the cost)."""
+    torch.manual_seed(0)
+    model = build_model(name).eval()
+    x = torch.rand(batch_size, 1, size, size)
+    times = []
+    with torch.no_grad():
+        for _ in range(2):
+            model(x)
+        for _ in range(repeats if batch_size > 1 else 5 * repeats):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    times.sort()
+    return batch_size / times[len(times) // 2]
+
+
+def run_one(name: str, seed: int, epochs: int | None, work: Path, image_dir: Path, manifest: Path,
+            params: Path, threads: int, robustness: bool = True) -> dict:
+    from neu_model.evaluate import evaluate
+    from neu_model.split import split_frame
+    from neu_model.train import train
+
+    overrides = [f"train.model={name}", f"seed={seed}", "train.device=cpu", f"train.num_threads={threads}",
+                 f"evaluate.robustness={str(robustness).lower()}"]
+    if epochs:
+        overrides.append(f"train.recipes.{name}.epochs={epochs}")
+    cfg = load_config(params, overrides)
+    out = work / f"{name}-seed{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    split_file = work / f"split-seed{seed}.csv"
+    if not split_file.exists():
+        split_frame(pd.read_csv(manifest, dtype=str), cfg.split, seed).to_csv(split_file, index=False)
+    (out / "checkpoint.pt").unlink(missing_ok=True)
+    summary = train(cfg, split_file, image_dir, out / "model.pt", out / "checkpoint.pt", out / "train_log.csv",
+                    out / "train_metrics.json", manifest)
+    metrics = evaluate(cfg, out / "model.pt", split_file, image_dir, out)
+    model = build_model(name)
+    return {
+        "model": name, "seed": seed, "epochs": summary["epochs"],
+        "test_acc_%": round(100 * metrics["accuracy"], 2), "macro_f1_%": round(100 * metrics["macro_f1"], 2),
+        "robust_%": round(100 * metrics.get("robustness", {}).get("mean_accuracy", float("nan")), 2),
+        "in_ps_err": metrics["in_ps_errors"], "errors": metrics["errors"],
+        "train_s": round(summary["train_seconds"]), "train_img/s": summary["train_images_per_second"],
+        "infer_img/s_b1": round(inference_speed(name, 1)), "infer_img/s_b64": round(inference_speed(name, 64)),
+        "MMACs": round(count_macs(model) / 1e6, 1), "params_k": round(count_params(model) / 1e3),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=sorted(MODELS), choices=sorted(MODELS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--epochs", type=int, default=None, help="override every model's recipe epochs")
+    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    parser.add_argument("--images", type=Path, default=ROOT / "data/raw/NEU-CLS")
+    parser.add_argument("--manifest", type=Path, default=ROOT / "data/raw/manifest.csv")
+    parser.add_argument("--workdir", type=Path, default=None, help="default: a new temporary folder")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+    parser.add_argument("--no-robustness", action="store_true", help="skip the corruption suite (faster)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table as CSV here")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("NEU_PROGRESS", "0")
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="neu-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work.resolve() / 'mlflow.db'}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.models:
+        for seed in args.seeds:
+            print(f"# {name} seed {seed} ...", file=sys.stderr, flush=True)
+            rows.append(run_one(name, seed, args.epochs, work, args.images, args.manifest, args.params,
+                                args.threads, not args.no_robustness))
+    table = pd.DataFrame(rows)
+    if len(args.seeds) > 1:
+        means = table.groupby("model", sort=False).mean(numeric_only=True).round(2).reset_index()
+        means["seed"] = "mean"
+        table = pd.concat([table, means[table.columns]], ignore_index=True)
+    print(f"\n{torch.get_num_threads()} CPU threads, torch {torch.__version__}, work folder {work}\n")
+    print(table.to_markdown(index=False))
+    if args.out:
+        table.to_csv(args.out, index=False)
+
+
+if __name__ == "__main__":
+    main()

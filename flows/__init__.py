@@ -1,0 +1,1 @@
+"""Prefect flows: the training pipeline (scheduled retraining) and batch scoring."""

@@ -1,0 +1,136 @@
+"""The training flow: source fingerprint → download → split → train → evaluate → register.
+
+    python -m flows.training [--set KEY=VALUE ...] [--data-source SRC] [--device DEV]   # one run
+    python -m flows.training serve [--cron "0 3 * * 1"]                                # scheduled
+
+``make retrain`` / ``make serve`` wrap these. With no ``PREFECT_API_URL`` a run starts a
+temporary local API (prefect.toml keeps its state in .prefect/); with it, runs report there.
+The flow holds the order, retries, schedule, concurrency and artifacts; the stages
+themselves are ``dvc.yaml``'s, run by the tasks in ``tasks/stages.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.tasks import exponential_backoff
+
+from flows.report import per_class_rows, training_markdown
+from neu_model import orchestrate
+from neu_model.cli import disable_telemetry
+from tasks import stages
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOYMENT = "retrain"
+DEFAULT_CRON = "0 3 * * 1"  # Mondays 03:00: weekly, outside the working day
+SUMMARY_KEY, TABLE_KEY = "neu-training-summary", "neu-per-class-metrics"
+MLFLOW_UI = "http://127.0.0.1:5000"
+
+
+@flow(name="neu-training", timeout_seconds=12 * 3600)
+def training_flow(overrides: list[str] | None = None, data_source: str | None = None, device: str | None = None,
+                  project: str | None = None, retry_backoff_seconds: float = 10.0,
+                  mlflow_ui: str = MLFLOW_UI) -> dict:
+    """Bring the model up to date with the data source, and let the gate decide on promotion.
+
+    Args:
+        overrides: params.yaml keys for this run, dotted as ``dvc exp run -S`` takes them,
+            e.g. ``["train.recipes.defectnet.epochs=5"]``; the next run starts from params.yaml again.
+        data_source: folder, archive or URL of the images (NEU_DATA_SOURCE for the stages);
+            default: NEU_DATA_SOURCE of the flow's process, else params.yaml's data.source.
+        device: ``train.device`` for this run (cpu, cuda, cuda:1, auto).
+        project: the workspace (a checkout with dvc.yaml); default: the one holding this file.
+        retry_backoff_seconds: the first download/register retry waits this long, then doubles.
+        mlflow_ui: base URL of the MLflow UI, for the link in the summary.
+
+    Returns:
+        Which stages ran, the MLflow run id and the registry decision.
+    """
+    logger = get_run_logger()
+    root = str(Path(project or ROOT).resolve())
+    run_overrides = [*(overrides or []), *([f"train.device={device}"] if device else [])]
+    ran = dict.fromkeys(orchestrate.STAGES, False)
+    changed, new_data = [], False
+    backoff = {"retry_delay_seconds": exponential_backoff(retry_backoff_seconds)}
+    steps = [stages.download.with_options(**backoff), stages.split, stages.train, stages.evaluate,
+             stages.register.with_options(**backoff)]
+    try:
+        changed = stages.apply_params(root, run_overrides)  # first: an override may set data.source
+        # Before any stage, so that new images at the source change data/source.json and DVC sees them.
+        new_data = stages.fingerprint_source(root, data_source)
+        for name, step in zip(orchestrate.STAGES, steps):
+            ran[name] = step(root, data_source)
+    except Exception as exc:
+        # A failed run leaves its summary too: which stage, and what the workspace holds now.
+        try:
+            _publish(root, ran, changed, new_data, mlflow_ui, run_overrides, failed=str(exc).splitlines()[0])
+        except Exception as publish_error:  # noqa: BLE001 - the stage's failure is the one to report
+            logger.warning("could not publish the failure summary: %s", publish_error)
+        raise
+    summary = _publish(root, ran, changed, new_data, mlflow_ui, run_overrides)
+    result = {"ran": ran, "mlflow_run_id": summary["run"].get("run_id"),
+              "registration": summary["registration"], "test_accuracy": summary["metrics"].get("accuracy")}
+    if not any(ran.values()):
+        logger.info("nothing changed (data source, params and code as in dvc.lock): nothing trained or registered")
+    else:
+        logger.info("ran %s; MLflow run %s; registry: %s", [s for s, r in ran.items() if r],
+                    result["mlflow_run_id"], summary["registration"] or "no decision recorded")
+    return result
+
+
+def _publish(root: str, ran: dict, changed: list, new_data: bool, mlflow_ui: str, overrides: list[str],
+             failed: str | None = None) -> dict:
+    """Create the run's artifacts: the markdown summary and the per-class metrics table."""
+    summary = stages.summarize(root)
+    link = orchestrate.mlflow_run_link(summary["run"], mlflow_ui)
+    create_markdown_artifact(training_markdown(summary, ran, changed, new_data, link, failed, overrides),
+                             key=SUMMARY_KEY,
+                             description="NEU-CLS training run: data, model, accuracy, promotion decision")
+    rows = per_class_rows(summary["metrics"])
+    if rows:
+        create_table_artifact(rows, key=TABLE_KEY, description=f"Per-class test metrics, dataset "
+                                                                f"{summary['dataset_version']}")
+    return summary
+
+
+def serve(cron: str = DEFAULT_CRON, parameters: dict | None = None) -> None:
+    """Serve the deployment ``neu-training/retrain`` on ``cron``, one run at a time.
+
+    ``global_limit=1`` is the deployment's concurrency limit (a scheduled run and one started
+    by hand must not both run ``dvc repro`` in this workspace: DVC's lock would fail one);
+    ``limit=1`` caps this runner too.
+    """
+    training_flow.serve(name=DEPLOYMENT, cron=cron, global_limit=1, limit=1, parameters=parameters or {},
+                        tags=["neu-cls", "training"], pause_on_shutdown=False)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", nargs="?", choices=["run", "serve"], default="run")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="params.yaml override for this run (repeatable)")
+    parser.add_argument("--data-source", help="folder, archive or URL of the images")
+    parser.add_argument("--device", help="train.device for this run")
+    parser.add_argument("--cron", default=DEFAULT_CRON, help=f"serve: the schedule (default {DEFAULT_CRON!r})")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    disable_telemetry()
+    args = get_args_parser().parse_args(argv)
+    if args.command == "serve":
+        # Parameters given here become the deployment's defaults for every scheduled run.
+        params = {k: v for k, v in {"overrides": args.overrides or None, "data_source": args.data_source,
+                                    "device": args.device}.items() if v}
+        serve(args.cron, params)
+        return 0
+    state = training_flow(args.overrides, args.data_source, args.device, return_state=True)
+    return 0 if state.is_completed() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Prefect tasks for batch scoring: load the champion, score, write the CSV."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from neu_model import score as scoring
+from neu_model.cli import StageError
+
+
+def _transient(task, task_run, state) -> bool:
+    """Retry registry trouble; an unknown alias or a bad image (StageError) fails the same way again."""
+    try:
+        state.result()
+    except StageError:
+        return False
+    except Exception:  # noqa: BLE001 - a timeout or a registry server hiccup may pass
+        return True
+    return True
+
+
+@task(name="load-champion", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(5),
+      retry_condition_fn=_transient, timeout_seconds=600)
+def load_champion(model_uri: str, tracking_uri: str):
+    """Load the model behind ``model_uri`` from ``tracking_uri`` (a registry call, hence the retries)."""
+    get_run_logger().info("loading %s from %s", model_uri, tracking_uri)
+    return scoring.load_model(model_uri, tracking_uri)
+
+
+@task(name="score-images", cache_policy=NO_CACHE, timeout_seconds=3600)
+def score_images(inputs: list[str], model, out: str) -> dict:
+    """Score ``inputs``, write the predictions CSV to ``out``; returns the summary."""
+    frame = scoring.score([Path(p) for p in inputs], model)
+    scoring.write_csv(frame, Path(out))
+    summary = scoring.summarize(frame)
+    get_run_logger().info("scored %d images into %s: %s", summary["n"], out, summary["counts"])
+    return summary

@@ -1,0 +1,102 @@
+"""Prefect tasks for the training flow: one per DVC stage, plus the steps around them.
+
+Each stage task runs ``dvc repro --single-item <stage>`` (see ``neu_model.orchestrate``), so
+DVC, not Prefect, decides what changed: caching is off (Prefect would key on the argument
+values, which are the same when the images changed). A task returns whether DVC ran its
+stage. Retries go where a second attempt can succeed (the network, the model registry),
+never on split, train or evaluate: the same inputs fail the same way again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from neu_model import orchestrate
+
+# Seconds a stage may take before its process group is killed; Prefect's own timeout is a
+# backstop a minute later (it cannot interrupt a thread blocked on a pipe).
+TIMEOUTS = {"source": 600, "download": 1800, "split": 600, "train": 8 * 3600, "evaluate": 3600, "register": 900}
+MARGIN = 60
+
+
+def _repro(stage: str, project: str, data_source: str | None) -> bool:
+    logger = get_run_logger()
+    env = orchestrate.stage_env(Path(project), data_source)
+    ran = orchestrate.repro(stage, Path(project), env, TIMEOUTS[stage], logger.info)
+    logger.info("stage %s: %s", stage, "ran" if ran else "unchanged, skipped by DVC")
+    return ran
+
+
+def _transient(task, task_run, state) -> bool:
+    """Retry registry trouble, not a stage that said its input is bad (exit 2): that stays bad.
+
+    A model that fails the gate is no failure at all: register records "rejected" and exits 0.
+    """
+    try:
+        state.result()
+    except orchestrate.StageFailed as exc:
+        return exc.transient
+    except Exception:  # noqa: BLE001 - anything else (a crash, a timeout) may be transient
+        return True
+    return True
+
+
+@task(name="apply-params", cache_policy=NO_CACHE, timeout_seconds=60)
+def apply_params(project: str, overrides: list[str]) -> list[str]:
+    """Write this run's overrides into params.yaml; returns those that changed it."""
+    changed = orchestrate.apply_params(Path(project), overrides)
+    get_run_logger().info("params for this run: %s", ", ".join(overrides) or "params.yaml as it is")
+    return changed
+
+
+@task(name="fingerprint-source", cache_policy=NO_CACHE, timeout_seconds=TIMEOUTS["source"] + MARGIN)
+def fingerprint_source(project: str, data_source: str | None) -> bool:
+    """Refresh data/source.json; returns whether the source's contents changed."""
+    logger = get_run_logger()
+    env = orchestrate.stage_env(Path(project), data_source)
+    changed = orchestrate.record_source(Path(project), env, logger.info, TIMEOUTS["source"])
+    logger.info("data source %s", "changed: new data will be downloaded" if changed else "unchanged")
+    return changed
+
+
+# The flow may shorten the backoff with .with_options (tests do); these are the defaults.
+@task(name="download", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(10),
+      timeout_seconds=TIMEOUTS["download"] + MARGIN)
+def download(project: str, data_source: str | None = None) -> bool:
+    """The download stage; retried, since a server or network failure is often gone a minute later."""
+    return _repro("download", project, data_source)
+
+
+@task(name="split", cache_policy=NO_CACHE, timeout_seconds=TIMEOUTS["split"] + MARGIN)
+def split(project: str, data_source: str | None = None) -> bool:
+    """The split stage."""
+    return _repro("split", project, data_source)
+
+
+@task(name="train", cache_policy=NO_CACHE, timeout_seconds=TIMEOUTS["train"] + MARGIN)
+def train(project: str, data_source: str | None = None) -> bool:
+    """The train stage; not retried: the same data and params fail the same way again."""
+    return _repro("train", project, data_source)
+
+
+@task(name="evaluate", cache_policy=NO_CACHE, timeout_seconds=TIMEOUTS["evaluate"] + MARGIN)
+def evaluate(project: str, data_source: str | None = None) -> bool:
+    """The evaluate stage."""
+    return _repro("evaluate", project, data_source)
+
+
+@task(name="register", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(5),
+      retry_condition_fn=_transient, timeout_seconds=TIMEOUTS["register"] + MARGIN)
+def register(project: str, data_source: str | None = None) -> bool:
+    """The register stage; registry trouble is retried, bad input (exit 2) is not (see ``_transient``)."""
+    return _repro("register", project, data_source)
+
+
+@task(name="summarize", cache_policy=NO_CACHE, timeout_seconds=120)
+def summarize(project: str) -> dict:
+    """Read what the workspace's reports say now (see ``orchestrate.run_summary``)."""
+    return orchestrate.run_summary(Path(project))

@@ -1,0 +1,159 @@
+"""MLflow tracking against a real SQLite store in a temporary folder (conftest's ``mlflow_store``)."""
+
+import json
+import shutil
+import socket
+import time
+
+import mlflow
+import mlflow.pyfunc
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+import neu_model.train as train_mod
+from neu_model import provenance, tracking
+from neu_model.cli import StageError
+from neu_model.data import load_split, to_float
+from neu_model.evaluate import evaluate
+from neu_model.predict import load_model
+from neu_model.train import predict_logits, train
+
+from conftest import tiny_config
+
+
+def _record(model_file):
+    return json.loads(model_file.with_name("run.json").read_text())
+
+
+def _train(ws, out, cfg):
+    return train(cfg, ws.split, ws.images, out / "model.pt", out / "ckpt.pt", out / "train_log.csv",
+                 out / "train_metrics.json", ws.raw / "manifest.csv")
+
+
+def test_train_run_records_config_provenance_data_curves_and_model(tiny_data, tiny_model, mlflow_store):
+    record = _record(tiny_model)
+    client = MlflowClient()
+    run = client.get_run(record["run_id"])
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == tiny_config().mlflow.experiment
+    # Artifacts sit in mlruns/ beside the database, at an absolute path.
+    assert run.info.artifact_uri.startswith(str(mlflow_store / "mlruns"))
+
+    params = run.data.params
+    assert tracking.flatten(tiny_config().to_dict()).items() <= params.items()
+    assert params["train.model"] == "defectnet" and params["recipe.epochs"] == "1"
+
+    tags = run.data.tags
+    assert tags["dataset_version"] == provenance.dataset_version(tiny_data.raw / "manifest.csv")
+    assert tags["dataset_version"] == record["dataset_version"]
+    assert tags["git_sha"] == provenance.git_sha() and tags["git_dirty"] in ("True", "False")
+    assert tags["device"] == "cpu" and tags["torch_version"] == torch.__version__
+
+    inputs = {{t.key: t.value for t in i.tags}["mlflow.data.context"]: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"train", "val", "test"}
+    assert all(d.digest and d.name == f"NEU-CLS-{part}" for part, d in inputs.items())
+
+    for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert "figures/train_curves.png" in artifacts
+
+    info = mlflow.models.get_model_info(record["model_uri"])
+    assert [m.model_id for m in run.outputs.model_outputs] == [record["model_id"]]
+    assert info.signature.inputs.inputs[0].shape == (-1, 1, 200, 200)
+    assert info.signature.inputs.inputs[0].type == np.dtype(np.float32)
+    assert info.signature.outputs.inputs[0].shape == (-1, 6)
+    assert info.metadata["classes"] == ["Cr", "In", "Pa", "PS", "RS", "Sc"]
+
+
+def test_logged_model_returns_the_networks_probabilities(tiny_data, tiny_model):
+    test = load_split("test", tiny_data.split, tiny_data.images)
+    x = to_float(test.images).numpy()
+    probs = mlflow.pyfunc.load_model(_record(tiny_model)["model_uri"]).predict(x)
+    net, _ = load_model(tiny_model)
+    expected = predict_logits(net, test.images, torch.device("cpu")).softmax(1).numpy()
+    assert probs.shape == (len(test), 6) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+
+
+def test_evaluate_logs_into_the_training_run(tiny_data, tiny_model, tmp_path):
+    shutil.copy(tiny_model.with_name("run.json"), tmp_path / "run.json")
+    metrics = evaluate(tiny_config("evaluate.robustness=false"), tiny_model, tiny_data.split, tiny_data.images, tmp_path)
+    client = MlflowClient()
+    run = client.get_run(_record(tiny_model)["run_id"])
+    assert run.data.metrics["test_accuracy"] == metrics["accuracy"]
+    assert run.data.metrics["test_macro_f1"] == metrics["macro_f1"]
+    assert run.data.metrics["test_f1_Cr"] == metrics["per_class"]["Cr"]["f1"]
+    assert run.data.tags["test_split_id"] == tracking.test_split_id(tiny_data.split, run.data.tags["dataset_version"])
+    paths = {a.path for folder in ("figures", "evaluation") for a in client.list_artifacts(run.info.run_id, folder)}
+    assert {"figures/confusion.png", "figures/misclassified.png", "evaluation/per_class.json"} <= paths
+    table = json.loads(open(client.download_artifacts(run.info.run_id, "evaluation/per_class.json", str(tmp_path / "dl"))).read())
+    assert [row[0] for row in table["data"]] == ["Cr", "In", "Pa", "PS", "RS", "Sc"]
+
+
+def test_evaluating_a_model_without_its_run_logs_nothing(tiny_data, tiny_model, tmp_path):
+    record = _record(tiny_model) | {"model_sha256": "0" * 64}  # run.json of some other model
+    (tmp_path / "run.json").write_text(json.dumps(record))
+    before = MlflowClient().get_run(record["run_id"]).data.metrics
+    evaluate(tiny_config("evaluate.robustness=false"), tiny_model, tiny_data.split, tiny_data.images, tmp_path)
+    assert MlflowClient().get_run(record["run_id"]).data.metrics == before
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("uri", [f"http://127.0.0.1:{_free_port()}", "sqlite:////nonexistent-folder/mlflow.db"])
+def test_unreachable_store_fails_before_training(tiny_data, tmp_path, monkeypatch, uri):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(train_mod, "train_one_epoch", lambda *a, **k: pytest.fail("trained without a store"))
+    start = time.monotonic()
+    with pytest.raises(StageError, match="MLflow store .* (does not answer|does not exist)") as err:
+        _train(tiny_data, tmp_path, tiny_config())
+    assert uri in str(err.value) and "MLFLOW_TRACKING_URI" in str(err.value)
+    assert time.monotonic() - start < 30
+    assert not (tmp_path / "model.pt").exists() and not (tmp_path / "run.json").exists()
+
+
+def test_killed_training_ends_its_run_and_the_resume_continues_it(tiny_data, tmp_path, monkeypatch):
+    cfg = tiny_config("train.model=seed_cnn", "train.recipes.seed_cnn.epochs=2", "mlflow.experiment=resume-test")
+    real_epoch, calls = train_mod.train_one_epoch, []
+
+    def dies_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", dies_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_data, tmp_path, cfg)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("resume-test").experiment_id
+    (killed,) = client.search_runs([exp])
+    assert killed.info.status == "KILLED"
+    monkeypatch.setattr(train_mod, "train_one_epoch", real_epoch)
+    _train(tiny_data, tmp_path, cfg)
+    (resumed,) = client.search_runs([exp])  # the same run, continued: no second run
+    assert resumed.info.run_id == killed.info.run_id == _record(tmp_path / "model.pt")["run_id"]
+    assert resumed.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(resumed.info.run_id, "train_loss")] == [1, 2]
+
+
+def test_read_dvc_finds_the_locked_hashes_of_a_stages_inputs(tmp_path):
+    (tmp_path / "dvc.yaml").write_text("stages:\n  train:\n    deps: [data/raw/NEU-CLS, data/split.csv, neu_model/train.py]\n")
+    (tmp_path / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  download:\n    outs:\n    - {path: data/raw, md5: aaa.dir}\n"
+        "  split:\n    outs:\n    - {path: data/split.csv, md5: bbb}\n"
+        "  train:\n    deps:\n    - {path: data/split.csv, md5: old}\n    - {path: neu_model/train.py, md5: ccc}\n"
+        "    outs:\n    - {path: models/model.pt, md5: ddd}\n")
+    assert tracking.read_dvc(inputs_of="train", root=tmp_path) == {
+        "dvc.input.data/raw/NEU-CLS": "aaa.dir (data/raw)", "dvc.input.data/split.csv": "bbb"}
+    assert tracking.read_dvc(stages=("train",), root=tmp_path) == {
+        "dvc.train.deps.data/split.csv": "old", "dvc.train.outs.models/model.pt": "ddd"}
+    assert tracking.read_dvc(inputs_of="train", root=tmp_path / "missing") == {}

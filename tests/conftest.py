@@ -122,3 +122,19 @@ def run_in_project(args, cwd: Path, **env: str) -> subprocess.CompletedProcess:
     full_env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                              "PYTHONPATH": str(cwd), DATA_SOURCE_ENV: str(FIXTURE_IMAGES)} | env
     return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600)
+
+
+def die_in_epoch(monkeypatch, epoch: int):
+    """Make training raise KeyboardInterrupt (a kill) when ``epoch`` (1-based) starts; returns the undo."""
+    import neu_model.train as train_mod
+
+    real_epoch, calls = train_mod.train_one_epoch, []
+
+    def dies(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == epoch:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", dies)
+    return lambda: monkeypatch.setattr(train_mod, "train_one_epoch", real_epoch)

@@ -20,7 +20,7 @@ from neu_model.evaluate import evaluate
 from neu_model.predict import load_model
 from neu_model.train import predict_logits, train
 
-from conftest import tiny_config
+from conftest import die_in_epoch, tiny_config
 
 
 def _record(model_file):
@@ -122,22 +122,14 @@ def test_unreachable_store_fails_before_training(tiny_data, tmp_path, monkeypatc
 
 def test_killed_training_ends_its_run_and_the_resume_continues_it(tiny_data, tmp_path, monkeypatch):
     cfg = tiny_config("train.model=seed_cnn", "train.recipes.seed_cnn.epochs=2", "mlflow.experiment=resume-test")
-    real_epoch, calls = train_mod.train_one_epoch, []
-
-    def dies_in_second_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "train_one_epoch", dies_in_second_epoch)
+    undo = die_in_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         _train(tiny_data, tmp_path, cfg)
     client = MlflowClient()
     exp = client.get_experiment_by_name("resume-test").experiment_id
     (killed,) = client.search_runs([exp])
     assert killed.info.status == "KILLED"
-    monkeypatch.setattr(train_mod, "train_one_epoch", real_epoch)
+    undo()
     _train(tiny_data, tmp_path, cfg)
     (resumed,) = client.search_runs([exp])  # the same run, continued: no second run
     assert resumed.info.run_id == killed.info.run_id == _record(tmp_path / "model.pt")["run_id"]

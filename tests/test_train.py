@@ -6,10 +6,9 @@ import pandas as pd
 import pytest
 import torch
 
-import neu_model.train as train_mod
 from neu_model.train import select_device, train
 
-from conftest import tiny_config
+from conftest import die_in_epoch, tiny_config
 
 
 def _train(ws, out, cfg):
@@ -46,20 +45,11 @@ def test_killed_run_resumes_to_identical_weights(tiny_data, tmp_path, monkeypatc
     (tmp_path / "full").mkdir(), (tmp_path / "killed").mkdir()
     _train(tiny_data, tmp_path / "full", cfg)
 
-    real_epoch = train_mod.train_one_epoch
-    calls = []
-
-    def dies_in_second_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "train_one_epoch", dies_in_second_epoch)
+    undo = die_in_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         _train(tiny_data, tmp_path / "killed", cfg)
     assert not (tmp_path / "killed" / "model.pt").exists()
-    monkeypatch.setattr(train_mod, "train_one_epoch", real_epoch)
+    undo()
     _train(tiny_data, tmp_path / "killed", cfg)
 
     full = torch.load(tmp_path / "full" / "model.pt", weights_only=True)["state_dict"]

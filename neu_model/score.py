@@ -48,12 +48,17 @@ def load_model(uri: str, tracking_uri: str | None = None) -> Predictor:
 
     from neu_model.tracking import tracking_uri as default_uri
 
+    # models:/ URIs resolve through MLflow's process-global store; point it at ours for this
+    # load only, so a caller in the same process (a flow, a test) keeps the store it had.
+    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri or default_uri())
     try:
         return mlflow.pyfunc.load_model(uri)
     except mlflow.exceptions.MlflowException as exc:
         raise StageError(f"{uri}: cannot load the model ({str(exc).splitlines()[0]}); is a model registered "
                          f"with that alias, and MLFLOW_TRACKING_URI pointing at its registry?") from None
+    finally:
+        mlflow.set_tracking_uri(previous)
 
 
 def is_archive(path: Path) -> bool:

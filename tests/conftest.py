@@ -17,6 +17,9 @@ from neu_model.config import DATA_SOURCE_ENV, ROOT, Config, load_config
 
 disable_telemetry()
 os.environ["NEU_PROGRESS"] = "0"
+# CI exports NEU_DATA_SOURCE for `make pipeline`; tests choose their data themselves. Removed at
+# import, not in a function fixture, because session fixtures are built before those run.
+os.environ.pop(DATA_SOURCE_ENV, None)
 
 FIXTURE_IMAGES = ROOT / "tests" / "fixtures" / "NEU-tiny"  # 30 real BMPs: 5 a class, Pa_101 == Pa_105
 # One epoch, small batches, no robustness suite: what every fixture-sized run overrides.

@@ -52,7 +52,7 @@ def candidate(evaluated: Path, tmp_path: Path, accuracy: float, split_file: Path
     """A pipeline pass whose evaluation scored ``accuracy`` on ``split_file``: a new run, same model."""
     record = json.loads((evaluated / "run.json").read_text())
     record["dataset_version"] = dataset_version or record["dataset_version"]
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
     run_id = client.create_run(record["experiment_id"]).info.run_id
     client.log_metric(run_id, "test_accuracy", accuracy)
     client.set_tag(run_id, "test_split_id", tracking.test_split_id(split_file, record["dataset_version"]))
@@ -71,7 +71,7 @@ def run_register(name, reports, ws, model_file, split_file=None, *overrides):
 
 
 def aliases(name) -> dict:
-    return {a: str(v) for a, v in MlflowClient().get_registered_model(name).aliases.items()}
+    return {a: str(v) for a, v in MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_registered_model(name).aliases.items()}
 
 
 def test_gate_rules():
@@ -88,7 +88,7 @@ def test_real_evaluated_run_is_registered_with_its_metrics(evaluated, tiny_data,
     result = run_register(name, evaluated, tiny_data, tiny_model, None, "register.accuracy_floor=0.0")
     metrics = json.loads((evaluated / "metrics.json").read_text())
     record = json.loads((evaluated / "run.json").read_text())
-    version = MlflowClient().get_model_version(name, result["version"])
+    version = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_model_version(name, result["version"])
     assert result["decision"] == "promoted" and result["champion"] == result["version"] == "1"
     assert version.run_id == record["run_id"] and version.source == record["model_uri"]
     assert float(version.tags["test_accuracy"]) == metrics["accuracy"]
@@ -97,10 +97,10 @@ def test_real_evaluated_run_is_registered_with_its_metrics(evaluated, tiny_data,
     assert version.tags["gate.decision"] == "promoted" and "PROMOTED" in version.description
     assert aliases(name) == {"champion": "1", "challenger": "1"}
     assert json.loads((evaluated / "registration.json").read_text()) == json.loads(json.dumps(result))
-    assert MlflowClient().get_run(record["run_id"]).data.tags["registry.version"] == "1"
+    assert MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(record["run_id"]).data.tags["registry.version"] == "1"
     # Running the stage again for the same run registers nothing new.
     assert run_register(name, evaluated, tiny_data, tiny_model)["version"] == "1"
-    assert len(MlflowClient().search_model_versions(f"name = '{name}'")) == 1
+    assert len(MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).search_model_versions(f"name = '{name}'")) == 1
 
 
 def test_first_model_must_pass_the_floor(evaluated, tiny_data, tiny_model, tmp_path, name):
@@ -123,11 +123,11 @@ def test_promote_then_keep_the_champion(evaluated, tiny_data, tiny_model, tmp_pa
     assert kept["decision"] == "rejected" and kept["champion"] == "2"
     assert aliases(name) == {"champion": "2", "challenger": "3"}
     assert reg(0.975, "register.min_improvement=0.01")["decision"] == "rejected"  # needs 0.98
-    version = MlflowClient().get_model_version(name, "4")
+    version = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_model_version(name, "4")
     assert version.tags["gate.decision"] == "rejected" and "0.9800" in version.tags["gate.reasons"]
     assert "REJECTED: champion stays v2" in version.description
 
-    data = listing(MlflowClient(), name)
+    data = listing(MlflowClient(os.environ["MLFLOW_TRACKING_URI"]), name)
     assert [(h["version"], h["replaced"]) for h in data["history"]] == [("1", None), ("2", "1")]
     assert data["history"][1]["replaced_accuracy"] == "0.96"
     assert [r["decision"] for r in data["versions"]] == ["promoted", "promoted", "rejected", "rejected"]
@@ -154,7 +154,7 @@ def test_changed_split_reevaluates_the_champion_first(evaluated, tiny_data, tiny
                         new_split, "register.accuracy_floor=0.0", "register.min_improvement=0.1")
     assert kept["decision"] == "rejected"
     assert "re-evaluated on the new test split" in kept["reasons"][0] and f"{on_new:.4f}" in kept["reasons"][0]
-    champion = MlflowClient().get_model_version(name, "1")
+    champion = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_model_version(name, "1")
     assert float(champion.tags[f"accuracy_on.{kept['test_split_id']}"]) == pytest.approx(on_new, abs=1e-6)
     promoted = run_register(name, candidate(evaluated, tmp_path, challenger, new_split), tiny_data, tiny_model,
                             new_split, "register.accuracy_floor=0.0")
@@ -180,13 +180,13 @@ def test_crash_before_the_alias_moves_leaves_the_old_champion(evaluated, tiny_da
     with pytest.raises(RuntimeError):
         run_register(name, better, tiny_data, tiny_model)
     assert aliases(name) == {"champion": "1", "challenger": "2"}
-    assert MlflowClient().get_model_version(name, "1").tags["test_accuracy"] == "0.96"
-    assert [h["version"] for h in listing(MlflowClient(), name)["history"]] == ["1"]
+    assert MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_model_version(name, "1").tags["test_accuracy"] == "0.96"
+    assert [h["version"] for h in listing(MlflowClient(os.environ["MLFLOW_TRACKING_URI"]), name)["history"]] == ["1"]
 
     monkeypatch.setattr(MlflowClient, "set_registered_model_alias", real)
     again = run_register(name, better, tiny_data, tiny_model)  # the rerun finishes the job
     assert again["version"] == "2" and again["decision"] == "promoted" and aliases(name)["champion"] == "2"
-    assert [(h["version"], h["replaced"]) for h in listing(MlflowClient(), name)["history"]] == [("1", None), ("2", "1")]
+    assert [(h["version"], h["replaced"]) for h in listing(MlflowClient(os.environ["MLFLOW_TRACKING_URI"]), name)["history"]] == [("1", None), ("2", "1")]
 
 
 def test_stale_metrics_are_refused(evaluated, tiny_data, tiny_model, tmp_path, name):

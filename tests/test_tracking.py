@@ -1,6 +1,7 @@
 """MLflow tracking against a real SQLite store in a temporary folder (conftest's ``mlflow_store``)."""
 
 import json
+import os
 import shutil
 import socket
 import time
@@ -34,7 +35,7 @@ def _train(ws, out, cfg):
 
 def test_train_run_records_config_provenance_data_curves_and_model(tiny_data, tiny_model, mlflow_store):
     record = _record(tiny_model)
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
     run = client.get_run(record["run_id"])
     assert run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == tiny_config().mlflow.experiment
@@ -82,7 +83,7 @@ def test_logged_model_returns_the_networks_probabilities(tiny_data, tiny_model):
 def test_evaluate_logs_into_the_training_run(tiny_data, tiny_model, tmp_path):
     shutil.copy(tiny_model.with_name("run.json"), tmp_path / "run.json")
     metrics = evaluate(tiny_config("evaluate.robustness=false"), tiny_model, tiny_data.split, tiny_data.images, tmp_path)
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
     run = client.get_run(_record(tiny_model)["run_id"])
     assert run.data.metrics["test_accuracy"] == metrics["accuracy"]
     assert run.data.metrics["test_macro_f1"] == metrics["macro_f1"]
@@ -97,9 +98,9 @@ def test_evaluate_logs_into_the_training_run(tiny_data, tiny_model, tmp_path):
 def test_evaluating_a_model_without_its_run_logs_nothing(tiny_data, tiny_model, tmp_path):
     record = _record(tiny_model) | {"model_sha256": "0" * 64}  # run.json of some other model
     (tmp_path / "run.json").write_text(json.dumps(record))
-    before = MlflowClient().get_run(record["run_id"]).data.metrics
+    before = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(record["run_id"]).data.metrics
     evaluate(tiny_config("evaluate.robustness=false"), tiny_model, tiny_data.split, tiny_data.images, tmp_path)
-    assert MlflowClient().get_run(record["run_id"]).data.metrics == before
+    assert MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(record["run_id"]).data.metrics == before
 
 
 def _free_port() -> int:
@@ -125,7 +126,7 @@ def test_killed_training_ends_its_run_and_the_resume_continues_it(tiny_data, tmp
     undo = die_in_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         _train(tiny_data, tmp_path, cfg)
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("resume-test").experiment_id
     (killed,) = client.search_runs([exp])
     assert killed.info.status == "KILLED"

@@ -207,6 +207,7 @@ def train(cfg: Config, split_file: Path = SPLIT_FILE, image_dir: Path | None = N
 
     # One MLflow run per training; it checked the store before any epoch and ends FAILED if one raises.
     dataset_version = provenance.dataset_version(manifest) if Path(manifest).exists() else "unknown"
+    git_sha = provenance.git_sha()  # once: it is a git subprocess, and the code cannot change mid-run
     with tracking.train_run(cfg, key=key, device=device, split_file=split_file, manifest=manifest,
                             resume=state["epoch"] > 0) as run:
         run.log_history(state["history"])  # epochs of a resumed checkpoint
@@ -226,7 +227,7 @@ def train(cfg: Config, split_file: Path = SPLIT_FILE, image_dir: Path | None = N
                      len(train_set) / tr.seconds)
             torch_save({"run_key": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "state": state, "config": cfg.to_dict(),
-                        "git_sha": provenance.git_sha()}, checkpoint_file)
+                        "git_sha": git_sha}, checkpoint_file)
             _write_log(state["history"], log_file)
             run.log_epoch(row)
 
@@ -241,7 +242,7 @@ def train(cfg: Config, split_file: Path = SPLIT_FILE, image_dir: Path | None = N
             "params": params, "macs": macs,
         }
         torch_save({"model_name": cfg.train.model, "state_dict": best["state_dict"], "classes": list(CLASSES),
-                    "config": cfg.to_dict(), "git_sha": provenance.git_sha(), "git_dirty": provenance.git_dirty(),
+                    "config": cfg.to_dict(), "git_sha": git_sha, "git_dirty": provenance.git_dirty(),
                     "dataset_version": dataset_version,
                     "summary": summary}, model_file)
         _write_log(history, log_file)

@@ -4,43 +4,42 @@
 severities, never the suite's fixed images), plus the symmetries of a steel texture:
 flips, 90-degree turns and shifted crops.
 
-Everything is vectorised over the batch (one gather for the geometry, one call per
-corruption): on a small shared CPU, many tiny per-image tensor ops cost more in thread
-synchronisation than in arithmetic.
+The corruptions are vectorised over the batch (one call per corruption and batch); the
+geometry is a cheap view per image of a once-padded batch.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from neu_model import corruptions as C
 
 AUGMENTS = ("none", "geometric", "robust", "robust_one")
 
 
-def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
-    """Reflect out-of-range coordinates back into [0, size - 1] (like ``F.pad(mode='reflect')``)."""
-    index = index.abs()
-    return torch.where(index > size - 1, 2 * (size - 1) - index, index)
-
-
 def geometric(x: torch.Tensor, gen: torch.Generator, pad: int = 16) -> torch.Tensor:
-    """Per image: a random element of the square's symmetry group (flips, 90-degree turns)
-    and a crop shifted by up to ``pad`` pixels with reflected borders, as one gather."""
+    """Per image: a crop shifted by up to ``pad`` pixels with reflected borders, then a random
+    element of the square's symmetry group (flips, 90-degree turns).
+
+    The batch is padded once; each image is then a view of it (slice, flip, transpose) copied
+    into the output. 12x faster here than one big index gather (16 vs 188 ms per batch of 64,
+    1 thread): the gather's index tensors alone are 20 MB a batch.
+    """
     n, c, h, w = x.shape
-    flips = torch.rand(n, 3, generator=gen) < 0.5  # flip rows, flip columns, transpose
-    offsets = torch.randint(-pad, pad + 1, (n, 2), generator=gen)
-    rows = torch.arange(h).view(1, h, 1).expand(n, h, w)
-    cols = torch.arange(w).view(1, 1, w).expand(n, h, w)
-    rows = torch.where(flips[:, 0].view(n, 1, 1), h - 1 - rows, rows)
-    cols = torch.where(flips[:, 1].view(n, 1, 1), w - 1 - cols, cols)
-    if h == w:  # a transpose with the flips gives all eight symmetries, the 90-degree turns included
-        t = flips[:, 2].view(n, 1, 1)
-        rows, cols = torch.where(t, cols, rows), torch.where(t, rows, cols)
-    rows = _reflect(rows + offsets[:, 0].view(n, 1, 1), h)
-    cols = _reflect(cols + offsets[:, 1].view(n, 1, 1), w)
-    index = (rows * w + cols).view(n, 1, h * w).expand(n, c, h * w)
-    return x.reshape(n, c, h * w).gather(2, index).view(n, c, h, w)
+    flips = (torch.rand(n, 3, generator=gen) < 0.5).tolist()  # flip rows, flip columns, transpose
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen).tolist()
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    out = torch.empty_like(x)
+    for i, ((row, col), (flip_rows, flip_cols, transpose)) in enumerate(zip(offsets, flips)):
+        view = padded[i, :, row:row + h, col:col + w]
+        dims = [d for d, flip in ((-2, flip_rows), (-1, flip_cols)) if flip]
+        if dims:
+            view = view.flip(dims)
+        if transpose and h == w:  # with the flips: all eight symmetries, the 90-degree turns included
+            view = view.transpose(-1, -2)
+        out[i] = view
+    return out
 
 
 def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:

@@ -66,6 +66,7 @@ class Recipe:
     label_smoothing: float
     augment: str
     shuffle: bool
+    ema_decay: float  # exponential moving average of the weights per step; 0 = off
 
 
 @dataclass(frozen=True)

@@ -57,12 +57,18 @@ class TrimmedPool2d(nn.Module):
 
     Like average pooling it halves Gaussian noise's standard deviation (nearly), but one dust
     speck, dead pixel or salt grain per block is dropped instead of smeared into the result.
-    Computed as (4 * mean - max - min) / 2 with three native pooling ops, so it costs about
-    as little as ``nn.AvgPool2d(2)``.
+    Computed as (sum - max - min) / 2 over the four strided views of the input: elementwise ops
+    on quarter-size tensors. (Native max-pooling of a one-channel channels-last batch took 40 %
+    of the whole model's inference time.)
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 2 * F.avg_pool2d(x, 2) - 0.5 * (F.max_pool2d(x, 2) - F.max_pool2d(-x, 2))
+        h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+        a, b = x[..., 0:h:2, 0:w:2], x[..., 0:h:2, 1:w:2]
+        c, d = x[..., 1:h:2, 0:w:2], x[..., 1:h:2, 1:w:2]
+        high = torch.maximum(torch.maximum(a, b), torch.maximum(c, d))
+        low = torch.minimum(torch.minimum(a, b), torch.minimum(c, d))
+        return (a + b + c + d - high - low) * 0.5
 
 
 def conv_bn(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:

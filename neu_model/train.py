@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from neu_model import provenance, tracking
 from neu_model.augment import augment
@@ -111,8 +112,16 @@ class EpochStats:
     seconds: float
 
 
+def make_ema(model: nn.Module, recipe: Recipe) -> AveragedModel | None:
+    """An exponential moving average of the weights and batch-norm statistics, or None when off."""
+    if recipe.ema_decay <= 0:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema_decay), use_buffers=True)
+
+
 def train_one_epoch(model: nn.Module, data: ImageSet, recipe: Recipe, optimizer: torch.optim.Optimizer,
-                    scheduler, device: torch.device, seed: int, epoch: int) -> EpochStats:
+                    scheduler, device: torch.device, seed: int, epoch: int,
+                    ema: AveragedModel | None = None) -> EpochStats:
     """One pass over the training images; randomness depends only on (seed, epoch) so a resume is exact."""
     model.train()
     torch.manual_seed(seed * 1000 + epoch)  # dropout
@@ -133,6 +142,8 @@ def train_one_epoch(model: nn.Module, data: ImageSet, recipe: Recipe, optimizer:
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         total_loss += loss.item() * len(idx)
         correct += (logits.argmax(1) == y).sum().item()
     return EpochStats(total_loss / len(data), correct / len(data), time.perf_counter() - start)
@@ -197,6 +208,8 @@ def train(cfg: Config, split_file: Path = SPLIT_FILE, image_dir: Path | None = N
     model = model.to(memory_format=memory_format(device))
     optimizer = make_optimizer(model, recipe)
     scheduler = make_scheduler(optimizer, recipe, math.ceil(len(train_set) / recipe.batch_size))
+    ema = make_ema(model, recipe)
+    scored = ema.module if ema is not None else model  # what is validated and kept as the best
     key = run_key(cfg, split_file)
     state = {"epoch": 0, "history": [], "best": None, "best_score": None}
     if checkpoint_file.exists():
@@ -205,6 +218,8 @@ def train(cfg: Config, split_file: Path = SPLIT_FILE, image_dir: Path | None = N
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
+            if ema is not None:
+                ema.load_state_dict(ckpt["ema"])
             state = ckpt["state"]
             log.info("resuming from %s after epoch %d", checkpoint_file, state["epoch"])
 
@@ -215,21 +230,22 @@ def train(cfg: Config, split_file: Path = SPLIT_FILE, image_dir: Path | None = N
                             resume=state["epoch"] > 0) as run:
         run.log_history(state["history"])  # epochs of a resumed checkpoint
         for epoch in range(state["epoch"], recipe.epochs):
-            tr = train_one_epoch(model, train_set, recipe, optimizer, scheduler, device, cfg.seed, epoch)
-            va = evaluate(model, val_set, recipe, device) if len(val_set) else EpochStats(tr.loss, tr.accuracy, 0.0)
+            tr = train_one_epoch(model, train_set, recipe, optimizer, scheduler, device, cfg.seed, epoch, ema)
+            va = evaluate(scored, val_set, recipe, device) if len(val_set) else EpochStats(tr.loss, tr.accuracy, 0.0)
             row = {"epoch": epoch + 1, "train_loss": tr.loss, "train_accuracy": tr.accuracy, "val_loss": va.loss,
                    "val_accuracy": va.accuracy, "lr": scheduler.get_last_lr()[0], "seconds": tr.seconds}
             state["history"].append(row)
             score = (va.accuracy, -va.loss)
             if state["best_score"] is None or score > tuple(state["best_score"]):
                 state["best_score"] = list(score)
-                state["best"] = {"epoch": epoch + 1, "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+                state["best"] = {"epoch": epoch + 1, "state_dict": {k: v.detach().cpu().clone() for k, v in scored.state_dict().items()}}
             state["epoch"] = epoch + 1
             log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  %.1fs (%.0f img/s)",
                      epoch + 1, recipe.epochs, tr.loss, tr.accuracy, va.loss, va.accuracy, tr.seconds,
                      len(train_set) / tr.seconds)
             torch_save({"run_key": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "state": state, "config": cfg.to_dict(),
+                        "ema": ema.state_dict() if ema is not None else None,
                         "git_sha": git_sha}, checkpoint_file)
             _write_log(state["history"], log_file)
             run.log_epoch(row)

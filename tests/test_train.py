@@ -40,8 +40,9 @@ def test_same_seed_same_weights(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_identical_weights(tiny_data, tmp_path, monkeypatch):
-    cfg = tiny_config("train.recipes.defectnet.epochs=3")
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_killed_run_resumes_to_identical_weights(tiny_data, tmp_path, monkeypatch, ema_decay):
+    cfg = tiny_config("train.recipes.defectnet.epochs=3", f"train.recipes.defectnet.ema_decay={ema_decay}")
     (tmp_path / "full").mkdir(), (tmp_path / "killed").mkdir()
     _train(tiny_data, tmp_path / "full", cfg)
 
@@ -57,6 +58,20 @@ def test_killed_run_resumes_to_identical_weights(tiny_data, tmp_path, monkeypatc
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     log = pd.read_csv(tmp_path / "killed" / "log.csv")
     assert list(log["epoch"]) == [1, 2, 3]
+
+
+def test_ema_weights_are_the_ones_validated_and_kept(tiny_data, tmp_path):
+    (tmp_path / "raw").mkdir(), (tmp_path / "ema").mkdir()
+    _train(tiny_data, tmp_path / "raw", tiny_config())
+    _train(tiny_data, tmp_path / "ema", tiny_config("train.recipes.defectnet.ema_decay=0.5"))
+    raw = torch.load(tmp_path / "raw" / "model.pt", weights_only=True)["state_dict"]
+    ema = torch.load(tmp_path / "ema" / "model.pt", weights_only=True)["state_dict"]
+    assert raw.keys() == ema.keys()  # the averaged model saves like the plain one
+    ckpt = torch.load(tmp_path / "ema" / "ckpt.pt", weights_only=True)
+    averaged = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    assert all(torch.equal(ema[k], averaged[k]) for k in ema)  # one epoch: the best is the last average
+    # the training weights moved on from their average, and so from what was kept
+    assert any(not torch.equal(ema[k], ckpt["model"][k]) for k in ema if ema[k].is_floating_point())
 
 
 def test_changed_config_does_not_resume(tiny_data, tmp_path):

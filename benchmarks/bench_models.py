@@ -30,14 +30,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from neu_model.config import load_config  # noqa: E402
-from neu_model.model import MODELS, build_model, count_macs, count_params  # noqa: E402
+from neu_model.model import MODELS, build_model, count_macs, count_params, fuse_batchnorm  # noqa: E402
 
 
 def inference_speed(name: str, batch_size: int, repeats: int = 7, size: int = 200) -> float:
     """Median images/s of a freshly built model in eval mode (weights do not change the cost)."""
     torch.manual_seed(0)
-    model = build_model(name).eval()
-    x = torch.rand(batch_size, 1, size, size)
+    # as neu_model.predict.load_model and predict_logits run it: batch norms folded, channels-last
+    model = fuse_batchnorm(build_model(name).eval()).to(memory_format=torch.channels_last)
+    x = torch.rand(batch_size, 1, size, size).contiguous(memory_format=torch.channels_last)
     times = []
     with torch.no_grad():
         for _ in range(2):

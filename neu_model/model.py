@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from neu_model.config import CLASSES
 
@@ -134,6 +135,26 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "seed_cnn": SeedCNN,
     "defectnet": DefectNet,
 }
+
+
+def fuse_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold each batch norm that follows a convolution in a ``Sequential`` into that convolution.
+
+    For inference only (the model must be in eval mode): the outputs are unchanged up to float
+    rounding and one memory pass per layer is saved. The module is changed in place and returned.
+    """
+    if model.training:
+        raise ValueError("fuse_batchnorm needs a model in eval mode")
+    for module in list(model.modules()):
+        if not isinstance(module, nn.Sequential):
+            continue
+        names = list(module._modules)
+        for first, second in zip(names, names[1:]):
+            conv, norm = module._modules[first], module._modules[second]
+            if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+                module._modules[first] = fuse_conv_bn_eval(conv, norm)
+                module._modules[second] = nn.Identity()
+    return model
 
 
 def build_model(name: str) -> nn.Module:

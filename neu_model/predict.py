@@ -20,14 +20,14 @@ from neu_model.cli import StageError, run_stage
 from neu_model.config import CLASSES
 from neu_model.data import decode_gray
 from neu_model.files import write_text
-from neu_model.model import build_model
+from neu_model.model import build_model, fuse_batchnorm
 from neu_model.train import MODEL_FILE, predict_logits, select_device
 
 IMAGE_SUFFIXES = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 
 
 def load_model(path: Path = MODEL_FILE, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
-    """Load a ``models/model.pt`` file: the network in eval mode and its metadata."""
+    """Load a ``models/model.pt`` file: the network in eval mode, batch norms folded, and its metadata."""
     path = Path(path)
     if not path.is_file():
         raise StageError(f"{path}: no trained model; run the pipeline first (make pipeline)")
@@ -38,7 +38,7 @@ def load_model(path: Path = MODEL_FILE, device: torch.device | str = "cpu") -> t
     except (RuntimeError, KeyError, ValueError) as exc:
         raise StageError(f"{path}: not a model saved by neu_model.train ({exc}); retrain it") from None
     meta = {k: v for k, v in saved.items() if k != "state_dict"}
-    return model.to(device).eval(), meta
+    return fuse_batchnorm(model.to(device).eval()), meta
 
 
 def find_images(paths: Sequence[Path]) -> list[Path]:

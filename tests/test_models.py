@@ -51,3 +51,23 @@ def test_trimmed_pool_is_the_mean_of_the_middle_two_and_drops_one_outlier_per_bl
 def test_defectnet_stays_cheap():
     model = build_model("defectnet")
     assert count_macs(model) < 35e6 and count_params(model) < 1e6
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_folding_batchnorm_keeps_the_outputs(name):
+    from neu_model.model import fuse_batchnorm
+
+    torch.manual_seed(0)
+    model = build_model(name)
+    for m in model.modules():  # non-trivial statistics, or folding would be a no-op
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(), m.running_var.uniform_(0.5, 2.0), m.weight.data.normal_()
+    model.eval()
+    x = torch.rand(2, 1, 200, 200)
+    with torch.no_grad():
+        expected = model(x)
+        fused = fuse_batchnorm(model)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+        assert torch.allclose(fused(x), expected, atol=1e-4)
+    with pytest.raises(ValueError, match="eval mode"):
+        fuse_batchnorm(build_model(name).train())

@@ -31,14 +31,16 @@ sys.path.insert(0, str(ROOT))
 
 from neu_model.config import load_config  # noqa: E402
 from neu_model.model import MODELS, build_model, count_macs, count_params, fuse_batchnorm  # noqa: E402
+from neu_model.train import memory_format  # noqa: E402
 
 
 def inference_speed(name: str, batch_size: int, repeats: int = 7, size: int = 200) -> float:
     """Median images/s of a freshly built model in eval mode (weights do not change the cost)."""
     torch.manual_seed(0)
-    # as neu_model.predict.load_model and predict_logits run it: batch norms folded, channels-last
-    model = fuse_batchnorm(build_model(name).eval()).to(memory_format=torch.channels_last)
-    x = torch.rand(batch_size, 1, size, size).contiguous(memory_format=torch.channels_last)
+    # as predict.load_model + train.predict_logits run it: batch norms folded, channels-last
+    cpu = torch.device("cpu")
+    model = fuse_batchnorm(build_model(name).eval()).to(memory_format=memory_format(cpu))
+    x = torch.rand(batch_size, 1, size, size).contiguous(memory_format=memory_format(cpu))
     times = []
     with torch.no_grad():
         for _ in range(2):

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -109,6 +108,11 @@ def input_stem(stem: str, standardize: bool) -> list[nn.Module]:
     return layers + [Standardize()] if standardize else layers
 
 
+def pooled_head(width: int, num_classes: int, dropout: float) -> nn.Sequential:
+    """Global average pool, dropout, linear: the head is independent of where the defect sits."""
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(width, num_classes))
+
+
 class DefectNet(nn.Module):
     """The default: a plain conv / max-pool ladder, cheap enough to train in minutes on a CPU.
 
@@ -132,9 +136,7 @@ class DefectNet(nn.Module):
             if i < len(widths) - 1:
                 layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(widths[-1], num_classes)
-        )
+        self.head = pooled_head(widths[-1], num_classes, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -151,9 +153,7 @@ class ResidualDefectNet(nn.Module):
         for c_in, c_out in zip(widths, widths[1:]):
             layers += [conv_bn(c_in, c_out, stride=2), ResidualBlock(c_out)]
         self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(widths[-1], num_classes)
-        )
+        self.head = pooled_head(widths[-1], num_classes, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

@@ -152,6 +152,8 @@ def train_one_epoch(model: nn.Module, data: ImageSet, recipe: Recipe, optimizer:
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 64) -> torch.Tensor:
     """Logits for uint8 images (N, 1, H, W), computed in batches, returned on the CPU."""
+    # Here rather than in predict.load_model: the model it loads is also exported to MLflow,
+    # and torch.export warns on (and stores) channels-last weights.
     model.eval().to(memory_format=memory_format(device))
     out = []
     for i in range(0, len(images), batch_size):
@@ -204,8 +206,7 @@ def train(cfg: Config, split_file: Path = SPLIT_FILE, image_dir: Path | None = N
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.train.model)
     macs, params = count_macs(model, cfg.data.image_size), count_params(model)
-    model = model.to(device)
-    model = model.to(memory_format=memory_format(device))
+    model = model.to(device, memory_format=memory_format(device))
     optimizer = make_optimizer(model, recipe)
     scheduler = make_scheduler(optimizer, recipe, math.ceil(len(train_set) / recipe.batch_size))
     ema = make_ema(model, recipe)

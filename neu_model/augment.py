@@ -2,7 +2,7 @@
 
 ``robust`` draws from the same corruption family as the robustness suite (at random
 severities, never the suite's fixed images), plus the symmetries of a steel texture:
-flips, 90-degree turns and shifted crops.
+flips, some 90-degree turns and shifted crops.
 
 The corruptions are vectorised over the batch (one call per corruption and batch); the
 geometry is a cheap view per image of a once-padded batch.
@@ -18,16 +18,18 @@ from neu_model import corruptions as C
 AUGMENTS = ("none", "geometric", "robust", "robust_one")
 
 
-def geometric(x: torch.Tensor, gen: torch.Generator, pad: int = 16) -> torch.Tensor:
+def geometric(x: torch.Tensor, gen: torch.Generator, pad: int = 16, turn_probability: float = 0.5) -> torch.Tensor:
     """Per image: a crop shifted by up to ``pad`` pixels with reflected borders, then a random
-    element of the square's symmetry group (flips, 90-degree turns).
+    flip of the rows and of the columns (each at even odds) and, for a ``turn_probability`` share
+    of the images, a transpose: with the flips, a 90-degree turn.
 
     The batch is padded once; each image is then a view of it (slice, flip, transpose) copied
     into the output. 12x faster here than one big index gather (16 vs 188 ms per batch of 64,
     1 thread): the gather's index tensors alone are 20 MB a batch.
     """
     n, c, h, w = x.shape
-    flips = (torch.rand(n, 3, generator=gen) < 0.5).tolist()  # flip rows, flip columns, transpose
+    odds = torch.tensor([0.5, 0.5, turn_probability])  # flip rows, flip columns, transpose
+    flips = (torch.rand(n, 3, generator=gen) < odds).tolist()
     offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen).tolist()
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     out = torch.empty_like(x)
@@ -36,7 +38,7 @@ def geometric(x: torch.Tensor, gen: torch.Generator, pad: int = 16) -> torch.Ten
         dims = [d for d, flip in ((-2, flip_rows), (-1, flip_cols)) if flip]
         if dims:
             view = view.flip(dims)
-        if transpose and h == w:  # with the flips: all eight symmetries, the 90-degree turns included
+        if transpose and h == w:
             view = view.transpose(-1, -2)
         out[i] = view
     return out
@@ -89,14 +91,16 @@ def photometric_one(x: torch.Tensor, gen: torch.Generator, p: float = 0.75) -> t
     return x
 
 
-def augment(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
-    """Augment a float batch in [0, 1] on the CPU according to the recipe's ``augment`` setting."""
+def augment(x: torch.Tensor, kind: str, gen: torch.Generator, turn_probability: float = 0.5) -> torch.Tensor:
+    """Augment a float batch in [0, 1] on the CPU according to the recipe's ``augment`` setting;
+    ``turn_probability`` is the share of images turned by 90 degrees (0.5: all eight symmetries
+    of the square equally likely)."""
     if kind == "none":
         return x
     if kind == "geometric":
-        return geometric(x, gen)
+        return geometric(x, gen, turn_probability=turn_probability)
     if kind == "robust":
-        return photometric(geometric(x, gen), gen)
+        return photometric(geometric(x, gen, turn_probability=turn_probability), gen)
     if kind == "robust_one":
-        return photometric_one(geometric(x, gen), gen)
+        return photometric_one(geometric(x, gen, turn_probability=turn_probability), gen)
     raise ValueError(f"unknown augment {kind!r}; choose one of {AUGMENTS}")

@@ -65,6 +65,7 @@ class Recipe:
     warmup_epochs: int
     label_smoothing: float
     augment: str
+    turn_probability: float  # share of training images turned by 90 degrees
     shuffle: bool
     ema_decay: float  # exponential moving average of the weights per step; 0 = off
 

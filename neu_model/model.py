@@ -53,6 +53,12 @@ class Standardize(nn.Module):
         return (x - mean) / (std + 1e-3)
 
 
+def quarters(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The four strided views of each 2x2 block (an odd last row or column is dropped, as pooling does)."""
+    h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+    return x[..., 0:h:2, 0:w:2], x[..., 0:h:2, 1:w:2], x[..., 1:h:2, 0:w:2], x[..., 1:h:2, 1:w:2]
+
+
 class TrimmedPool2d(nn.Module):
     """2x2 downsampling by the mean of the middle two of each block's four pixels.
 
@@ -64,12 +70,25 @@ class TrimmedPool2d(nn.Module):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
-        a, b = x[..., 0:h:2, 0:w:2], x[..., 0:h:2, 1:w:2]
-        c, d = x[..., 1:h:2, 0:w:2], x[..., 1:h:2, 1:w:2]
+        a, b, c, d = quarters(x)
         high = torch.maximum(torch.maximum(a, b), torch.maximum(c, d))
         low = torch.minimum(torch.minimum(a, b), torch.minimum(c, d))
         return (a + b + c + d - high - low) * 0.5
+
+
+class MaxPool2x2(nn.Module):
+    """2x2 max pooling, the same numbers as ``nn.MaxPool2d(2)``.
+
+    Without autograd it takes the maximum of the four strided views: 2.7x faster than the native
+    op on the 8-channel 100x100 maps of a channels-last batch (6.5 vs 17.7 ms for 64 images,
+    1 thread). With autograd it is the native op, whose backward is 5x faster than the views'.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return nn.functional.max_pool2d(x, 2)
+        a, b, c, d = quarters(x)
+        return torch.maximum(torch.maximum(a, b), torch.maximum(c, d))
 
 
 def conv_bn(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
@@ -134,7 +153,7 @@ class DefectNet(nn.Module):
         for i, (c_in, c_out) in enumerate(zip((1, *widths), widths)):
             layers.append(conv_bn(c_in, c_out))
             if i < len(widths) - 1:
-                layers.append(nn.MaxPool2d(2))
+                layers.append(MaxPool2x2())
         self.features = nn.Sequential(*layers)
         self.head = pooled_head(widths[-1], num_classes, dropout)
 

@@ -60,3 +60,17 @@ def test_robust_one_leaves_a_share_of_the_batch_clean(images):
     clean = (out == x).flatten(1).all(1).float().mean().item()
     assert 0.15 < clean < 0.45  # 25 % untouched, plus the few that a mild corruption leaves unchanged
     assert out.min() >= 0 and out.max() <= 1
+
+
+@pytest.mark.parametrize("turn_probability", [0.0, 0.2, 1.0])
+def test_turn_probability_sets_the_share_of_images_turned_90_degrees(turn_probability):
+    from neu_model.augment import geometric
+
+    x = torch.rand(400, 1, 6, 6, generator=torch.Generator().manual_seed(2))
+    out = geometric(x, torch.Generator().manual_seed(0), pad=0, turn_probability=turn_probability)
+    flips = [[], [-1], [-2], [-1, -2]]
+    kept = [any(torch.equal(out[i], x[i].flip(d) if d else x[i]) for d in flips) for i in range(len(x))]
+    turned = [any(torch.equal(out[i], (x[i].flip(d) if d else x[i]).transpose(-1, -2)) for d in flips)
+              for i in range(len(x))]
+    assert all(k != t for k, t in zip(kept, turned))  # each image either keeps its orientation or is turned
+    assert sum(turned) / len(x) == pytest.approx(turn_probability, abs=0.06)

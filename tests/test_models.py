@@ -48,6 +48,19 @@ def test_trimmed_pool_is_the_mean_of_the_middle_two_and_drops_one_outlier_per_bl
     assert torch.allclose(TrimmedPool2d()(dusty), TrimmedPool2d()(flat))
 
 
+@pytest.mark.parametrize("size", [100, 25])
+def test_max_pool_2x2_equals_native_pooling_with_and_without_autograd(size):
+    from neu_model.model import MaxPool2x2
+
+    x = torch.randn(3, 8, size, size).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.equal(MaxPool2x2()(x), torch.nn.MaxPool2d(2)(x))
+    ours, native = x.clone().requires_grad_(), x.clone().requires_grad_()
+    MaxPool2x2()(ours).sum().backward()
+    torch.nn.MaxPool2d(2)(native).sum().backward()
+    assert torch.equal(ours.grad, native.grad)
+
+
 def test_defectnet_stays_cheap():
     model = build_model("defectnet")
     assert count_macs(model) < 35e6 and count_params(model) < 1e6

@@ -95,12 +95,13 @@ def augment(x: torch.Tensor, kind: str, gen: torch.Generator, turn_probability: 
     """Augment a float batch in [0, 1] on the CPU according to the recipe's ``augment`` setting;
     ``turn_probability`` is the share of images turned by 90 degrees (0.5: all eight symmetries
     of the square equally likely)."""
+    if kind not in AUGMENTS:
+        raise ValueError(f"unknown augment {kind!r}; choose one of {AUGMENTS}")
     if kind == "none":
         return x
-    if kind == "geometric":
-        return geometric(x, gen, turn_probability=turn_probability)
+    x = geometric(x, gen, turn_probability=turn_probability)
     if kind == "robust":
-        return photometric(geometric(x, gen, turn_probability=turn_probability), gen)
+        return photometric(x, gen)
     if kind == "robust_one":
-        return photometric_one(geometric(x, gen, turn_probability=turn_probability), gen)
-    raise ValueError(f"unknown augment {kind!r}; choose one of {AUGMENTS}")
+        return photometric_one(x, gen)
+    return x

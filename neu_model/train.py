@@ -11,6 +11,7 @@ weights as an uninterrupted one.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import logging
 import math
@@ -172,9 +173,12 @@ def evaluate(model: nn.Module, data: ImageSet, recipe: Recipe, device: torch.dev
     return EpochStats(loss, acc, time.perf_counter() - start)
 
 
-def run_key(cfg: Config, split_file: Path) -> str:
-    """What a checkpoint must match to be resumed: the resolved config and the exact split."""
-    return provenance.file_digest(split_file) + ":" + repr(sorted(cfg.to_dict().items()))
+def run_key(cfg: Config, split_file: Path, model: nn.Module) -> str:
+    """What a checkpoint must match to be resumed: the resolved config, the exact split and the
+    network's layout (a checkpoint left by an older version of the model's code does not fit)."""
+    layout = ";".join(f"{name}{tuple(t.shape)}" for name, t in model.state_dict().items())
+    return (provenance.file_digest(split_file) + ":" + hashlib.sha256(layout.encode()).hexdigest()[:16]
+            + ":" + repr(sorted(cfg.to_dict().items())))
 
 
 def _write_log(history: list[dict], path: Path) -> None:
@@ -211,7 +215,7 @@ def train(cfg: Config, split_file: Path = SPLIT_FILE, image_dir: Path | None = N
     scheduler = make_scheduler(optimizer, recipe, math.ceil(len(train_set) / recipe.batch_size))
     ema = make_ema(model, recipe)
     scored = ema.module if ema is not None else model  # what is validated and kept as the best
-    key = run_key(cfg, split_file)
+    key = run_key(cfg, split_file, model)
     state = {"epoch": 0, "history": [], "best": None, "best_score": None}
     if checkpoint_file.exists():
         ckpt = torch.load(checkpoint_file, map_location=device, weights_only=True)

@@ -84,3 +84,32 @@ def test_folding_batchnorm_keeps_the_outputs(name):
         assert torch.allclose(fused(x), expected, atol=1e-4)
     with pytest.raises(ValueError, match="eval mode"):
         fuse_batchnorm(build_model(name).train())
+
+
+@pytest.mark.parametrize("degree", [1, 2])
+def test_detrend_is_the_least_squares_residual_of_a_polynomial_surface(degree):
+    from neu_model.model import Detrend
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 1, 20, 30, generator=gen, dtype=torch.float64)
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, 20, dtype=torch.float64),
+                            torch.linspace(-1, 1, 30, dtype=torch.float64), indexing="ij")
+    terms = [torch.ones_like(xs), xs, ys] + ([xs * xs, ys * ys, xs * ys] if degree == 2 else [])
+    basis = torch.stack([t.flatten() for t in terms], 1)
+    flat = x.reshape(3, -1).T
+    fit = basis @ torch.linalg.lstsq(basis, flat).solution
+    assert torch.allclose(Detrend(degree)(x), (flat - fit).T.reshape(x.shape), atol=1e-10)
+
+
+def test_detrend_removes_uneven_light_and_keeps_the_defect():
+    from neu_model.model import Detrend
+
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, 40), torch.linspace(-1, 1, 40), indexing="ij")
+    defect = torch.zeros(1, 1, 40, 40)
+    defect[..., 18:22, 5:35] = -0.2  # a dark streak
+    lit = defect + 0.5 + 0.3 * xs - 0.2 * ys + 0.1 * ys * ys  # a gradient and a vignette
+    assert torch.allclose(Detrend(2)(lit), Detrend(2)(defect), atol=1e-5)
+    assert Detrend(2)(defect)[..., 20, 20] < -0.15  # the streak is still there
+    assert not torch.allclose(Detrend(1)(lit), Detrend(1)(defect), atol=1e-3)  # a plane leaves the vignette
+    with pytest.raises(ValueError, match="choose 1 or 2"):
+        Detrend(3)

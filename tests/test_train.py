@@ -81,6 +81,18 @@ def test_changed_config_does_not_resume(tiny_data, tmp_path):
     assert list(pd.read_csv(tmp_path / "log.csv")["epoch"]) == [1]
 
 
+def test_checkpoint_of_another_model_layout_does_not_resume(tiny_data, tmp_path, monkeypatch):
+    from neu_model import model
+
+    monkeypatch.setitem(model.MODELS, "defectnet", lambda: model.DefectNet(detrend=0))
+    _train(tiny_data, tmp_path, tiny_config())  # leaves a checkpoint of the layout without Detrend
+    monkeypatch.undo()
+    _train(tiny_data, tmp_path, tiny_config())  # same config, the current layout: starts afresh
+    assert list(pd.read_csv(tmp_path / "log.csv")["epoch"]) == [1]
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    model.build_model("defectnet").load_state_dict(saved["state_dict"])
+
+
 def test_device_selection():
     assert select_device("cpu").type == "cpu"
     expected = "cuda" if torch.cuda.is_available() else None

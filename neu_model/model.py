@@ -187,11 +187,12 @@ class DefectNet(nn.Module):
     plain average pooling), flattened (``Detrend``: uneven light removed) and standardised per
     image: the defects are tens of pixels across, so 100x100 loses nothing useful, quarters the
     cost of every later layer and averages away pixel noise, while isolated dark or bright
-    pixels are dropped before they can inflate the image's standard deviation. Then each stage is a 3x3 conv-BN-ReLU followed by a 2x2 max
-    pool, doubling the channels as it halves the resolution (8 channels at 100x100 up to 256 at
-    3x3), so every stage costs about the same (2.7 M MACs). Max pooling keeps the strongest
-    response of a small, sparse defect (a pit, an inclusion) where strided convolutions and
-    average pooling dilute it; global average pooling makes the head position-independent.
+    pixels are dropped before they can inflate the image's standard deviation. Then each stage
+    is a 3x3 conv-BN-ReLU followed by a 2x2 max pool, doubling the channels as it halves the
+    resolution (8 channels at 100x100 up to 256 at 3x3), so every stage costs about the same
+    (2.7 M MACs). Max pooling keeps the strongest response of a small, sparse defect (a pit, an
+    inclusion) where strided convolutions and average pooling dilute it; global average pooling
+    makes the head position-independent.
     """
 
     def __init__(self, num_classes: int = len(CLASSES), widths: tuple[int, ...] = WIDTHS,

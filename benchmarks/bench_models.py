@@ -3,10 +3,12 @@
     python benchmarks/bench_models.py                          # all models, seed 0, their recipes
     python benchmarks/bench_models.py --models defectnet --seeds 0 1 2
     python benchmarks/bench_models.py --models seed_cnn --epochs 3   # speed columns only
+    python benchmarks/bench_models.py --models defectnet --seeds 3 4 --set split.val_fraction=0.1
 
-Each (model, seed) gets its own split of the downloaded set (``split.test_fraction`` of
-params.yaml, seeded like the pipeline), is trained with its recipe from params.yaml (``--epochs``
-overrides the epochs) and evaluated with the evaluate stage, robustness suite included.
+Each (model, seed) gets its own split of the downloaded set (``split.*`` of params.yaml, seeded
+like the pipeline), is trained with its recipe from params.yaml (``--set`` overrides any key,
+``--epochs`` every recipe's epochs) and evaluated with the evaluate stage, robustness suite
+included.
 Everything is written under ``--workdir`` (a temporary folder by default): nothing in
 ``data/``, ``models/`` or ``reports/`` is touched, and MLflow logs to a store in the work
 folder unless ``MLFLOW_TRACKING_URI`` is set. Not part of the test suite: it takes minutes
@@ -29,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from neu_model.config import load_config  # noqa: E402
+from neu_model.config import add_config_args, load_config  # noqa: E402
 from neu_model.model import MODELS, build_model, count_macs, count_params, fuse_batchnorm  # noqa: E402
 from neu_model.train import memory_format  # noqa: E402
 
@@ -54,7 +56,7 @@ def inference_speed(name: str, batch_size: int, repeats: int = 7, size: int = 20
 
 
 def run_one(name: str, seed: int, epochs: int | None, work: Path, image_dir: Path, manifest: Path,
-            params: Path, threads: int, robustness: bool = True) -> dict:
+            params: Path, threads: int, robustness: bool = True, extra: list[str] | None = None) -> dict:
     from neu_model.evaluate import evaluate
     from neu_model.split import split_frame
     from neu_model.train import train
@@ -63,12 +65,12 @@ def run_one(name: str, seed: int, epochs: int | None, work: Path, image_dir: Pat
                  f"evaluate.robustness={str(robustness).lower()}"]
     if epochs:
         overrides.append(f"train.recipes.{name}.epochs={epochs}")
-    cfg = load_config(params, overrides)
+    cfg = load_config(params, [*overrides, *(extra or [])])
     out = work / f"{name}-seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
     split_file = work / f"split-seed{seed}.csv"
-    if not split_file.exists():
-        split_frame(pd.read_csv(manifest, dtype=str), cfg.split, seed).to_csv(split_file, index=False)
+    # Always rewritten: a work folder reused with other split.* overrides must not keep the old split.
+    split_frame(pd.read_csv(manifest, dtype=str), cfg.split, seed).to_csv(split_file, index=False)
     (out / "checkpoint.pt").unlink(missing_ok=True)
     summary = train(cfg, split_file, image_dir, out / "model.pt", out / "checkpoint.pt", out / "train_log.csv",
                     out / "train_metrics.json", manifest)
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=sorted(MODELS), choices=sorted(MODELS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=None, help="override every model's recipe epochs")
-    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    add_config_args(parser)  # --params, --set KEY=VALUE
     parser.add_argument("--images", type=Path, default=ROOT / "data/raw/NEU-CLS")
     parser.add_argument("--manifest", type=Path, default=ROOT / "data/raw/manifest.csv")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a new temporary folder")
@@ -110,14 +112,15 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models:
         for seed in args.seeds:
             print(f"# {name} seed {seed} ...", file=sys.stderr, flush=True)
-            rows.append(run_one(name, seed, args.epochs, work, args.images, args.manifest, args.params,
-                                args.threads, not args.no_robustness))
+            rows.append(run_one(name, seed, args.epochs, work, args.images, args.manifest, Path(args.params),
+                                args.threads, not args.no_robustness, args.overrides))
     table = pd.DataFrame(rows)
     if len(args.seeds) > 1:
         means = table.groupby("model", sort=False).mean(numeric_only=True).round(2).reset_index()
         means["seed"] = "mean"
         table = pd.concat([table, means[table.columns]], ignore_index=True)
-    print(f"\n{torch.get_num_threads()} CPU threads, torch {torch.__version__}, work folder {work}\n")
+    print(f"\n{torch.get_num_threads()} CPU threads, torch {torch.__version__}, work folder {work}"
+          + (f", overrides {' '.join(args.overrides)}" if args.overrides else "") + "\n")
     print(table.to_markdown(index=False))
     if args.out:
         table.to_csv(args.out, index=False)

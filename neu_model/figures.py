@@ -57,6 +57,8 @@ def curves_figure(history: pd.DataFrame, path: Path) -> None:
     """Train/val loss and accuracy per epoch."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.4))
     for split in ("train", "val"):
+        if history[f"{split}_loss"].isna().all():  # trained without a validation part
+            continue
         ax_loss.plot(history["epoch"], history[f"{split}_loss"], label=split)
         ax_acc.plot(history["epoch"], history[f"{split}_accuracy"], label=split)
     ax_loss.set_title("loss")

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -213,7 +214,7 @@ class TrainRun(Run):
 
     def log_epoch(self, row: Mapping[str, float]) -> None:
         """Per-epoch curves, with ``step`` = epoch number."""
-        self.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+        self.log_metrics({k: v for k, v in row.items() if k != "epoch" and not math.isnan(v)}, step=int(row["epoch"]))
 
     def log_dataset(self, split_file: Path, manifest: Path, dataset_version: str) -> None:
         """The split, with each file's sha256, as one MLflow dataset input per part (context train/val/test)."""

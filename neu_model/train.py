@@ -1,6 +1,7 @@
 """Stage ``train``: train the model selected by ``train.model`` with its recipe.
 
-Writes the best-on-validation weights to ``models/model.pt``, per-epoch curves to
+Writes the last epoch's weights (the best-on-validation ones when ``split.val_fraction`` holds
+out a validation part) to ``models/model.pt``, per-epoch curves to
 ``reports/train_log.csv`` and a summary to ``reports/train_metrics.json``. A checkpoint is
 written atomically after every epoch; a killed run resumes from it and ends with the same
 weights as an uninterrupted one.
@@ -190,7 +191,8 @@ def _write_log(history: list[dict], path: Path) -> None:
 def train(cfg: Config, split_file: Path = SPLIT_FILE, image_dir: Path | None = None,
           model_file: Path = MODEL_FILE, checkpoint_file: Path = CHECKPOINT_FILE,
           log_file: Path = TRAIN_LOG, metrics_file: Path = TRAIN_METRICS, manifest: Path = MANIFEST) -> dict:
-    """Train, checkpoint every epoch, keep the best-on-validation weights.
+    """Train, checkpoint every epoch, keep the best-on-validation weights (with no validation
+    part, ``split.val_fraction: 0``, the last epoch's).
 
     Returns:
         The training summary written to ``metrics_file``.
@@ -236,11 +238,15 @@ def train(cfg: Config, split_file: Path = SPLIT_FILE, image_dir: Path | None = N
         run.log_history(state["history"])  # epochs of a resumed checkpoint
         for epoch in range(state["epoch"], recipe.epochs):
             tr = train_one_epoch(model, train_set, recipe, optimizer, scheduler, device, cfg.seed, epoch, ema)
-            va = evaluate(scored, val_set, recipe, device) if len(val_set) else EpochStats(tr.loss, tr.accuracy, 0.0)
+            if len(val_set):
+                va = evaluate(scored, val_set, recipe, device)
+                score = (va.accuracy, -va.loss)
+            else:  # nothing to select on: the end of the schedule is the model
+                va = EpochStats(math.nan, math.nan, 0.0)
+                score = (float(epoch), 0.0)
             row = {"epoch": epoch + 1, "train_loss": tr.loss, "train_accuracy": tr.accuracy, "val_loss": va.loss,
                    "val_accuracy": va.accuracy, "lr": scheduler.get_last_lr()[0], "seconds": tr.seconds}
             state["history"].append(row)
-            score = (va.accuracy, -va.loss)
             if state["best_score"] is None or score > tuple(state["best_score"]):
                 state["best_score"] = list(score)
                 state["best"] = {"epoch": epoch + 1, "state_dict": {k: v.detach().cpu().clone() for k, v in scored.state_dict().items()}}
@@ -258,9 +264,10 @@ def train(cfg: Config, split_file: Path = SPLIT_FILE, image_dir: Path | None = N
         history = state["history"]
         train_seconds = sum(r["seconds"] for r in history)
         best = state["best"]
+        best_val = history[best["epoch"] - 1]["val_accuracy"]
         summary = {
             "model": cfg.train.model, "device": str(device), "epochs": recipe.epochs, "best_epoch": best["epoch"],
-            "val_accuracy": history[best["epoch"] - 1]["val_accuracy"], "train_seconds": round(train_seconds, 2),
+            "val_accuracy": None if math.isnan(best_val) else best_val, "train_seconds": round(train_seconds, 2),
             "seconds_per_epoch": round(train_seconds / len(history), 2),
             "train_images_per_second": round(len(train_set) * len(history) / train_seconds, 1),
             "params": params, "macs": macs,

@@ -74,6 +74,37 @@ def test_ema_weights_are_the_ones_validated_and_kept(tiny_data, tmp_path):
     assert any(not torch.equal(ema[k], ckpt["model"][k]) for k in ema if ema[k].is_floating_point())
 
 
+def test_without_a_validation_part_the_last_epoch_is_kept(tiny_data, tmp_path):
+    split = pd.read_csv(tiny_data.split)
+    split["split"] = split["split"].replace("val", "train")  # what split.val_fraction=0 writes
+    split.to_csv(tmp_path / "split.csv", index=False)
+    cfg = tiny_config("split.val_fraction=0", "train.recipes.defectnet.epochs=2",
+                      "train.recipes.defectnet.ema_decay=0.5")
+    summary = train(cfg, tmp_path / "split.csv", tiny_data.images, tmp_path / "model.pt", tmp_path / "ckpt.pt",
+                    tmp_path / "log.csv", tmp_path / "metrics.json", tiny_data.raw / "manifest.csv")
+    assert summary["best_epoch"] == 2 and summary["val_accuracy"] is None
+    log = pd.read_csv(tmp_path / "log.csv")
+    assert log["val_loss"].isna().all() and log["train_loss"].notna().all()
+    kept = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    final = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    assert all(torch.equal(kept[k], final[k]) for k in kept)
+
+
+def test_with_a_validation_part_the_best_epoch_on_it_is_kept(tiny_data, tmp_path):
+    split = pd.read_csv(tiny_data.split)
+    first_train = split[split["split"] == "train"].groupby("label").head(1).index
+    split.loc[first_train, "split"] = "val"  # one image a class
+    split.to_csv(tmp_path / "split.csv", index=False)
+    cfg = tiny_config("train.recipes.defectnet.epochs=3")
+    summary = train(cfg, tmp_path / "split.csv", tiny_data.images, tmp_path / "model.pt", tmp_path / "ckpt.pt",
+                    tmp_path / "log.csv", tmp_path / "metrics.json", tiny_data.raw / "manifest.csv")
+    log = pd.read_csv(tmp_path / "log.csv")
+    assert log["val_loss"].notna().all()
+    best = max(log.itertuples(), key=lambda r: (r.val_accuracy, -r.val_loss))
+    assert summary["best_epoch"] == best.epoch and summary["val_accuracy"] == best.val_accuracy
+
+
 def test_changed_config_does_not_resume(tiny_data, tmp_path):
     _train(tiny_data, tmp_path, tiny_config())
     summary = _train(tiny_data, tmp_path, tiny_config("train.recipes.defectnet.lr=0.0001"))

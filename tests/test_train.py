@@ -11,8 +11,8 @@ from neu_model.train import select_device, train
 from conftest import die_in_epoch, tiny_config
 
 
-def _train(ws, out, cfg):
-    return train(cfg, ws.split, ws.images, out / "model.pt", out / "ckpt.pt", out / "log.csv",
+def _train(ws, out, cfg, split=None):
+    return train(cfg, split or ws.split, ws.images, out / "model.pt", out / "ckpt.pt", out / "log.csv",
                  out / "metrics.json", ws.raw / "manifest.csv")
 
 
@@ -80,8 +80,7 @@ def test_without_a_validation_part_the_last_epoch_is_kept(tiny_data, tmp_path):
     split.to_csv(tmp_path / "split.csv", index=False)
     cfg = tiny_config("split.val_fraction=0", "train.recipes.defectnet.epochs=2",
                       "train.recipes.defectnet.ema_decay=0.5")
-    summary = train(cfg, tmp_path / "split.csv", tiny_data.images, tmp_path / "model.pt", tmp_path / "ckpt.pt",
-                    tmp_path / "log.csv", tmp_path / "metrics.json", tiny_data.raw / "manifest.csv")
+    summary = _train(tiny_data, tmp_path, cfg, split=tmp_path / "split.csv")
     assert summary["best_epoch"] == 2 and summary["val_accuracy"] is None
     log = pd.read_csv(tmp_path / "log.csv")
     assert log["val_loss"].isna().all() and log["train_loss"].notna().all()
@@ -97,8 +96,7 @@ def test_with_a_validation_part_the_best_epoch_on_it_is_kept(tiny_data, tmp_path
     split.loc[first_train, "split"] = "val"  # one image a class
     split.to_csv(tmp_path / "split.csv", index=False)
     cfg = tiny_config("train.recipes.defectnet.epochs=3")
-    summary = train(cfg, tmp_path / "split.csv", tiny_data.images, tmp_path / "model.pt", tmp_path / "ckpt.pt",
-                    tmp_path / "log.csv", tmp_path / "metrics.json", tiny_data.raw / "manifest.csv")
+    summary = _train(tiny_data, tmp_path, cfg, split=tmp_path / "split.csv")
     log = pd.read_csv(tmp_path / "log.csv")
     assert log["val_loss"].notna().all()
     best = max(log.itertuples(), key=lambda r: (r.val_accuracy, -r.val_loss))

@@ -238,16 +238,13 @@ def train(cfg: Config, split_file: Path = SPLIT_FILE, image_dir: Path | None = N
         run.log_history(state["history"])  # epochs of a resumed checkpoint
         for epoch in range(state["epoch"], recipe.epochs):
             tr = train_one_epoch(model, train_set, recipe, optimizer, scheduler, device, cfg.seed, epoch, ema)
-            if len(val_set):
-                va = evaluate(scored, val_set, recipe, device)
-                score = (va.accuracy, -va.loss)
-            else:  # nothing to select on: the end of the schedule is the model
-                va = EpochStats(math.nan, math.nan, 0.0)
-                score = (float(epoch), 0.0)
+            va = evaluate(scored, val_set, recipe, device) if len(val_set) else EpochStats(math.nan, math.nan, 0.0)
             row = {"epoch": epoch + 1, "train_loss": tr.loss, "train_accuracy": tr.accuracy, "val_loss": va.loss,
                    "val_accuracy": va.accuracy, "lr": scheduler.get_last_lr()[0], "seconds": tr.seconds}
             state["history"].append(row)
-            if state["best_score"] is None or score > tuple(state["best_score"]):
+            score = (va.accuracy, -va.loss)
+            # Without a validation part there is nothing to select on: the end of the schedule is the model.
+            if not len(val_set) or state["best_score"] is None or score > tuple(state["best_score"]):
                 state["best_score"] = list(score)
                 state["best"] = {"epoch": epoch + 1, "state_dict": {k: v.detach().cpu().clone() for k, v in scored.state_dict().items()}}
             state["epoch"] = epoch + 1

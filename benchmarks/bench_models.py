@@ -81,6 +81,9 @@ def run_one(name: str, seed: int, epochs: int | None, work: Path, image_dir: Pat
         "test_acc_%": round(100 * metrics["accuracy"], 2), "macro_f1_%": round(100 * metrics["macro_f1"], 2),
         "robust_%": round(100 * metrics.get("robustness", {}).get("mean_accuracy", float("nan")), 2),
         "in_ps_err": metrics["in_ps_errors"], "errors": metrics["errors"],
+        # review.below_confidence: share of test images flagged for a person, errors not flagged
+        "review_%": round(100 * metrics["review"]["flagged_share"], 2),
+        "accepted_err": metrics["review"]["accepted_errors"],
         "train_s": round(summary["train_seconds"]), "train_img/s": summary["train_images_per_second"],
         "infer_img/s_b1": round(inference_speed(name, 1)), "infer_img/s_b64": round(inference_speed(name, 64)),
         "MMACs": round(count_macs(model) / 1e6, 1), "params_k": round(count_params(model) / 1e3),

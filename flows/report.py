@@ -36,6 +36,15 @@ def per_class_rows(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
             for c in CLASSES if c in per_class]
 
 
+def review_lines(review: Mapping[str, Any] | None) -> list[str]:
+    """What the review threshold did on the test images (nothing for metrics without it)."""
+    if not review:
+        return []
+    return [f"- review below {review['below_confidence']:.2f} confidence: {review['flagged']} test images flagged "
+            f"({_pct(review['flagged_share'])}), {review['accepted_errors']} errors accepted unseen "
+            f"(In↔PS {review['accepted_in_ps_errors']})"]
+
+
 def training_markdown(summary: Mapping[str, Any], ran: Mapping[str, bool], changed_params: Sequence[str],
                       new_data: bool, mlflow_link: str | None, failed: str | None = None,
                       overrides: Sequence[str] = ()) -> str:
@@ -60,6 +69,7 @@ def training_markdown(summary: Mapping[str, Any], ran: Mapping[str, bool], chang
         + ("" if trained else " (the current model, trained by an earlier run)"),
         f"- test accuracy: **{_pct(metrics.get('accuracy'))}**, macro-F1 {_pct(metrics.get('macro_f1'))}"
         f" on {metrics.get('n_test', '?')} images",
+        *review_lines(metrics.get("review")),
         f"- promotion: **{decision}**" + ("" if ran.get("register") else " (recorded by an earlier run)"),
         f"- why: {reason}",
         f"- MLflow run: [{run.get('run_id')}]({mlflow_link})" if mlflow_link else "- MLflow run: none recorded",
@@ -77,7 +87,8 @@ def scoring_markdown(summary: Mapping[str, Any], model_uri: str, out: str) -> st
         f"- model: `{model_uri}`", f"- images scored: {summary['n']}", f"- predictions: `{out}`", "",
         "| class | images |", "|---|---|",
         *[f"| {c} ({CLASS_NAMES[c]}) | {n} |" for c, n in summary["counts"].items()],
-        "", "Least confident (check these first):", "", "| file | predicted | confidence |", "|---|---|---|",
+        "", f"Need review (confidence below the threshold): **{summary['needs_review']}**", "",
+        "Least confident (check these first):", "", "| file | predicted | confidence |", "|---|---|---|",
         *[f"| `{r['file']}` | {r['predicted']} | {_pct(r['confidence'])} |" for r in summary["least_confident"]],
     ]
     return "\n".join(lines) + "\n"

@@ -2,8 +2,9 @@
 
     python -m flows.scoring IMAGES_OR_ARCHIVE ... [--out reports/scores.csv] [--alias champion]
 
-Writes the predictions CSV (file, predicted, confidence, p_<class>) and leaves a summary
-artifact: images per predicted class and the least confident images, for a person to check.
+Writes the predictions CSV (file, predicted, confidence, needs_review, p_<class>) and leaves a
+summary artifact: images per predicted class, how many need review and the least confident
+images, for a person to check.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.report import scoring_markdown
 from neu_model.cli import disable_telemetry
+from neu_model.config import load_config
+from neu_model.predict import confidence
 from neu_model.score import champion_uri
 from tasks.scoring import load_champion, score_images
 
@@ -27,7 +30,7 @@ SUMMARY_KEY = "neu-scoring-summary"
 
 @flow(name="neu-batch-scoring", timeout_seconds=2 * 3600)
 def scoring_flow(inputs: list[str], out: str = "reports/scores.csv", model_name: str | None = None,
-                 alias: str = "champion", project: str | None = None) -> dict:
+                 alias: str = "champion", project: str | None = None, review_below: float | None = None) -> dict:
     """Score ``inputs`` (image files, folders, .zip/.tar.gz archives) with ``models:/<name>@<alias>``.
 
     Args:
@@ -37,18 +40,23 @@ def scoring_flow(inputs: list[str], out: str = "reports/scores.csv", model_name:
         alias: the registry alias to score with.
         project: the workspace whose params.yaml names the model; default this checkout.
             MLFLOW_TRACKING_URI says which registry (the Makefile's default: mlflow.db there).
+        review_below: flag predictions less confident than this; default the project's
+            ``review.below_confidence``.
 
     Returns:
-        The summary: ``n``, ``counts`` per class, ``least_confident`` rows, ``out`` and ``model_uri``.
+        The summary: ``n``, ``counts`` per class, ``needs_review``, ``least_confident`` rows,
+        ``out`` and ``model_uri``.
     """
     root = Path(project or ROOT).resolve()
     uri = champion_uri(model_name, alias, root / "params.yaml")
     target = str(root / out) if not Path(out).is_absolute() else out
     # The registry the stages write to: MLFLOW_TRACKING_URI, else mlflow.db in the workspace.
     store = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root}/mlflow.db"
-    summary = score_images(list(inputs), load_champion(uri, store), target)
+    if review_below is None:
+        review_below = load_config(root / "params.yaml").review.below_confidence
+    summary = score_images(list(inputs), load_champion(uri, store), target, review_below)
     create_markdown_artifact(scoring_markdown(summary, uri, target), key=SUMMARY_KEY,
-                             description="Batch scoring: images per class, least confident images")
+                             description="Batch scoring: images per class, images to review")
     return summary | {"out": target, "model_uri": uri}
 
 
@@ -59,9 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="reports/scores.csv")
     parser.add_argument("--model-name")
     parser.add_argument("--alias", default="champion")
+    parser.add_argument("--review-below", type=confidence, metavar="CONFIDENCE",
+                        help="flag predictions less confident than this (default: review.below_confidence)")
     args = parser.parse_args(argv)
     state = scoring_flow([str(Path(p).resolve()) for p in args.inputs], args.out, args.model_name, args.alias,
-                         return_state=True)
+                         review_below=args.review_below, return_state=True)
     return 0 if state.is_completed() else 1
 
 

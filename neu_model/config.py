@@ -90,6 +90,11 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class ReviewConfig:
+    below_confidence: float  # a prediction less confident than this is flagged for a person
+
+
+@dataclass(frozen=True)
 class MlflowConfig:
     experiment: str
 
@@ -108,6 +113,7 @@ class Config:
     split: SplitConfig
     train: TrainConfig
     evaluate: EvaluateConfig
+    review: ReviewConfig
     mlflow: MlflowConfig
     register: RegisterConfig
 
@@ -162,6 +168,7 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
             split=SplitConfig(**raw["split"]),
             train=TrainConfig(**train),
             evaluate=EvaluateConfig(**raw["evaluate"]),
+            review=ReviewConfig(**raw["review"]),
             mlflow=MlflowConfig(**raw["mlflow"]),
             register=RegisterConfig(**raw["register"]),
         )
@@ -174,6 +181,9 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
         )
     if not 0 < cfg.split.test_fraction < 1 or not 0 <= cfg.split.val_fraction < 1:
         raise ConfigError("split.test_fraction must be in (0, 1) and split.val_fraction in [0, 1)")
+    if not 0 <= cfg.review.below_confidence <= 1:
+        raise ConfigError(f"review.below_confidence={cfg.review.below_confidence} must be in [0, 1] "
+                          "(0 flags nothing, 1 flags everything)")
     return cfg
 
 

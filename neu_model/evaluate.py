@@ -1,9 +1,11 @@
 """Stage ``evaluate``: score the trained model on the test part, clean and corrupted.
 
-Writes ``reports/metrics.json`` (accuracy, macro_f1, per_class, robustness), the confusion
-matrix as ``reports/confusion.json`` (DVC's confusion template) and ``reports/confusion.png``,
-a gallery of every misclassified test image (``reports/misclassified.png``), per-image
-predictions (``reports/predictions.csv``) and per-corruption accuracy (``reports/robustness.csv``).
+Writes ``reports/metrics.json`` (accuracy, macro_f1, per_class, review, robustness), the
+confusion matrix as ``reports/confusion.json`` (DVC's confusion template) and
+``reports/confusion.png``, a gallery of every misclassified test image
+(``reports/misclassified.png``), per-image predictions (``reports/predictions.csv``), what each
+review threshold would flag (``reports/review_curve.csv``) and per-corruption accuracy
+(``reports/robustness.csv``).
 
     python -m neu_model.evaluate
 """
@@ -28,13 +30,15 @@ from neu_model.config import CLASSES, Config, add_config_args, load_config
 from neu_model.data import SPLIT_FILE, ImageSet, load_split, to_float
 from neu_model.figures import confusion_figure, gallery_figure
 from neu_model.files import write_json, write_text
-from neu_model.metrics import classification_metrics
+from neu_model.metrics import classification_metrics, review_curve, review_metrics
 from neu_model.predict import load_model, predictions_frame
 from neu_model.train import MODEL_FILE, predict_logits, select_device
 
 log = logging.getLogger("neu_model.evaluate")
 
 REPORTS = Path("reports")
+# The review thresholds of reports/review_curve.csv; the top class of six is never below 1/6.
+CURVE_THRESHOLDS = [round(0.2 + 0.05 * i, 2) for i in range(16)]
 
 
 def robustness(model: nn.Module, data: ImageSet, device: torch.device, batch_size: int) -> pd.DataFrame:
@@ -69,11 +73,13 @@ def evaluate(cfg: Config, model_file: Path = MODEL_FILE, split_file: Path = SPLI
     predicted = probs.argmax(1)
     metrics = classification_metrics(test.labels, predicted)
     metrics |= {"n_test": len(test), "model": meta["model_name"],
-                "inference_images_per_second": round(len(test) / max(seconds, 1e-9), 1)}
+                "inference_images_per_second": round(len(test) / max(seconds, 1e-9), 1),
+                "review": review_metrics(test.labels, probs, cfg.review.below_confidence)}
 
-    frame = predictions_frame(test.files, probs)
+    frame = predictions_frame(test.files, probs, cfg.review.below_confidence)
     frame.insert(1, "label", [CLASSES[i] for i in test.labels.tolist()])
     _csv(frame, reports / "predictions.csv")
+    _csv(pd.DataFrame(review_curve(test.labels, probs, CURVE_THRESHOLDS)), reports / "review_curve.csv")
     write_json(reports / "confusion.json",
                [{"actual": a, "predicted": p} for a, p in zip(frame["label"], frame["predicted"])])
     confusion_figure(metrics["confusion_matrix"], reports / "confusion.png",
@@ -106,9 +112,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
     cfg = load_config(args.params, args.overrides)
     m = evaluate(cfg, args.model)
+    r = m["review"]
     log.info("test accuracy %.4f  macro-F1 %.4f  errors %d (In<->PS %d)  robustness mean %s",
              m["accuracy"], m["macro_f1"], m["errors"], m["in_ps_errors"],
              m.get("robustness", {}).get("mean_accuracy", "n/a"))
+    log.info("review below %.2f confidence: %d images flagged (%.2f%%), %d of the errors among them; "
+             "%d errors accepted (In<->PS %d)", r["below_confidence"], r["flagged"], 100 * r["flagged_share"],
+             r["flagged_errors"], r["accepted_errors"], r["accepted_in_ps_errors"])
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Classification metrics from predicted and true class indices (no scikit-learn needed)."""
+"""Classification metrics from predicted and true class indices (no scikit-learn needed), and
+what a confidence threshold for human review would flag."""
 
 from __future__ import annotations
 
@@ -37,3 +38,38 @@ def classification_metrics(actual: torch.Tensor, predicted: torch.Tensor) -> dic
         },
         "confusion_matrix": cm.long().tolist(),
     }
+
+
+def review_metrics(actual: torch.Tensor, probs: torch.Tensor, below_confidence: float) -> dict:
+    """What flagging predictions less confident than ``below_confidence`` does on a labelled set.
+
+    A flagged image goes to a person; the rest are accepted as the model says.
+
+    Returns:
+        ``below_confidence``, ``flagged`` and ``flagged_share`` (images), ``flagged_errors``
+        (model errors a person gets to see), ``accepted_errors`` and ``accepted_in_ps_errors``
+        (errors nobody sees) and ``accepted_accuracy`` (1.0 when nothing is accepted).
+    """
+    confidence, predicted = probs.max(dim=1)
+    flagged = confidence < below_confidence
+    wrong = predicted != actual
+    accepted = ~flagged
+    accepted_cm = confusion_matrix(actual[accepted], predicted[accepted])
+    i_in, i_ps = CLASSES.index("In"), CLASSES.index("PS")
+    n_accepted = int(accepted.sum())
+    accepted_errors = int((wrong & accepted).sum())
+    return {
+        "below_confidence": below_confidence,
+        "flagged": int(flagged.sum()),
+        "flagged_share": round(flagged.float().mean().item(), 6) if len(actual) else 0.0,
+        "flagged_errors": int((wrong & flagged).sum()),
+        "accepted_errors": accepted_errors,
+        "accepted_in_ps_errors": int(accepted_cm[i_in, i_ps] + accepted_cm[i_ps, i_in]),
+        "accepted_accuracy": round(1 - accepted_errors / n_accepted, 6) if n_accepted else 1.0,
+    }
+
+
+def review_curve(actual: torch.Tensor, probs: torch.Tensor, thresholds: list[float]) -> list[dict]:
+    """``review_metrics`` at each threshold: the trade between people's work and unseen errors."""
+    keys = ("below_confidence", "flagged_share", "accepted_errors", "accepted_accuracy")
+    return [{k: review_metrics(actual, probs, t)[k] for k in keys} for t in thresholds]

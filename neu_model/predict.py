@@ -1,7 +1,8 @@
 """Classify images with a trained model: ``python -m neu_model.predict IMAGE_OR_FOLDER ...``.
 
-Writes one CSV row per image (file, predicted class, confidence, probability per class) to
-stdout or ``--out``. ``--model`` takes the local ``models/model.pt`` (default).
+Writes one CSV row per image (file, predicted class, confidence, needs_review, probability per
+class) to stdout or ``--out``. ``--model`` takes the local ``models/model.pt`` (default).
+``needs_review`` is true below params.yaml's ``review.below_confidence`` (or ``--review-below``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from neu_model.cli import StageError, run_stage
-from neu_model.config import CLASSES
+from neu_model.config import CLASSES, load_config
 from neu_model.data import decode_gray
 from neu_model.files import write_text
 from neu_model.model import build_model, fuse_batchnorm
@@ -67,25 +68,48 @@ def load_for_model(paths: Sequence[Path], size: int = 200) -> torch.Tensor:
     return torch.stack(arrays)[:, None]
 
 
-def predictions_frame(files: Sequence[str], probs: torch.Tensor) -> pd.DataFrame:
-    """One row per image: file, predicted, confidence, p_<class> for every class."""
+def predictions_frame(files: Sequence[str], probs: torch.Tensor, review_below: float) -> pd.DataFrame:
+    """One row per image: file, predicted, confidence, needs_review, p_<class> for every class.
+
+    Args:
+        review_below: ``needs_review`` is true where the confidence is below this.
+    """
     conf, idx = probs.max(dim=1)
     frame = pd.DataFrame({"file": list(files), "predicted": [CLASSES[i] for i in idx.tolist()],
-                          "confidence": conf.numpy().round(6)})
+                          "confidence": conf.numpy().round(6),
+                          "needs_review": (conf < review_below).numpy()})
     for j, c in enumerate(CLASSES):
         frame[f"p_{c}"] = probs[:, j].numpy().round(6)
     return frame
 
 
+def confidence(text: str) -> float:
+    """``argparse`` type of ``--review-below``: a number in [0, 1], else a one-line usage error."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a confidence in [0, 1] (0 flags nothing, 1 everything)")
+    return value
+
+
 def predict_files(paths: Sequence[Path], model_file: Path = MODEL_FILE, device: str = "auto",
-                  batch_size: int = 64) -> pd.DataFrame:
-    """Classify image files with a saved model."""
+                  batch_size: int = 64, review_below: float | None = None) -> pd.DataFrame:
+    """Classify image files with a saved model.
+
+    Args:
+        review_below: flag predictions less confident than this; default params.yaml's
+            ``review.below_confidence``.
+    """
+    if review_below is None:
+        review_below = load_config().review.below_confidence
     dev = select_device(device)
     model, meta = load_model(model_file, dev)
     size = meta.get("config", {}).get("data", {}).get("image_size", 200)
     images = find_images(paths)
     probs = predict_logits(model, load_for_model(images, size), dev, batch_size).softmax(dim=1)
-    return predictions_frame([str(p) for p in images], probs)
+    return predictions_frame([str(p) for p in images], probs, review_below)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -94,17 +118,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", type=Path, default=MODEL_FILE, help="saved model (default models/model.pt)")
     parser.add_argument("--out", type=Path, help="write the CSV here instead of stdout")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--review-below", type=confidence, metavar="CONFIDENCE",
+                        help="flag predictions less confident than this (default: review.below_confidence)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
-    frame = predict_files(args.inputs, args.model, args.device)
+    frame = predict_files(args.inputs, args.model, args.device, review_below=args.review_below)
     buf = io.StringIO()
     frame.to_csv(buf, index=False)
     if args.out:
         write_text(args.out, buf.getvalue())
-        print(f"wrote {len(frame)} predictions to {args.out}", file=sys.stderr)
+        print(f"wrote {len(frame)} predictions to {args.out}; {int(frame['needs_review'].sum())} need review",
+              file=sys.stderr)
     else:
         sys.stdout.write(buf.getvalue())
 

@@ -2,8 +2,8 @@
 
     python -m neu_model.score IMAGES_OR_ARCHIVE ... [--out scores.csv] [--model-uri models:/NAME@champion]
 
-Writes one CSV row per image (file, predicted class, confidence, probability per class), the
-same columns as ``neu_model.predict``. The model is an MLflow pyfunc: float32 (N, 1, H, W)
+Writes one CSV row per image (file, predicted class, confidence, needs_review, probability per
+class), the same columns as ``neu_model.predict``. The model is an MLflow pyfunc: float32 (N, 1, H, W)
 in [0, 1] in, class probabilities (N, 6) in CLASSES order out.
 """
 
@@ -24,7 +24,7 @@ from neu_model.cli import StageError, run_stage
 from neu_model.config import CLASSES, PARAMS_FILE, load_config
 from neu_model.download import extract
 from neu_model.files import write_text
-from neu_model.predict import find_images, load_for_model, predictions_frame
+from neu_model.predict import confidence, find_images, load_for_model, predictions_frame
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 
@@ -66,11 +66,13 @@ def is_archive(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def score(inputs: Sequence[Path], model: Predictor, batch_size: int = 64, size: int = 200) -> pd.DataFrame:
+def score(inputs: Sequence[Path], model: Predictor, review_below: float, batch_size: int = 64,
+          size: int = 200) -> pd.DataFrame:
     """Classify the images in ``inputs`` (files, folders, .zip/.tar(.gz) archives) with ``model``.
 
     Archives are extracted (with download.extract's path checks) into a temporary folder;
-    their images are named ``<archive>:<member path>`` in the output.
+    their images are named ``<archive>:<member path>`` in the output. ``needs_review`` marks
+    the predictions less confident than ``review_below``.
 
     Raises:
         StageError: no images, an unreadable archive or image, or a wrongly sized image.
@@ -97,15 +99,16 @@ def score(inputs: Sequence[Path], model: Predictor, batch_size: int = 64, size: 
                 raise StageError(f"the model returned shape {probs.shape}, expected ({len(batch)}, {len(CLASSES)}) "
                                  f"probabilities in class order {', '.join(CLASSES)}")
             chunks.append(torch.from_numpy(probs))
-    return predictions_frame(shown, torch.cat(chunks))
+    return predictions_frame(shown, torch.cat(chunks), review_below)
 
 
 def summarize(frame: pd.DataFrame, n_least: int = 10) -> dict:
-    """Counts per predicted class (every class listed) and the ``n_least`` least confident rows."""
+    """Counts per predicted class (every class listed), how many need review, and the
+    ``n_least`` least confident rows."""
     counts = frame["predicted"].value_counts()
     least = frame.nsmallest(n_least, "confidence")[["file", "predicted", "confidence"]]
     return {"n": len(frame), "counts": {c: int(counts.get(c, 0)) for c in CLASSES},
-            "least_confident": least.to_dict("records")}
+            "needs_review": int(frame["needs_review"].sum()), "least_confident": least.to_dict("records")}
 
 
 def write_csv(frame: pd.DataFrame, out: Path) -> None:
@@ -120,15 +123,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("inputs", nargs="+", type=Path, help="image files, folders, .zip or .tar(.gz) archives")
     parser.add_argument("--out", type=Path, default=Path("reports/scores.csv"))
     parser.add_argument("--model-uri", help="default: models:/<register.model_name>@champion")
+    parser.add_argument("--review-below", type=confidence, metavar="CONFIDENCE",
+                        help="flag predictions less confident than this (default: review.below_confidence)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
+    review_below = load_config().review.below_confidence if args.review_below is None else args.review_below
     uri = args.model_uri or champion_uri()
-    frame = score(args.inputs, load_model(uri))
+    frame = score(args.inputs, load_model(uri), review_below)
     write_csv(frame, args.out)
-    print(f"wrote {len(frame)} predictions by {uri} to {args.out}", file=sys.stderr)
+    print(f"wrote {len(frame)} predictions by {uri} to {args.out}; {int(frame['needs_review'].sum())} need review",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -383,6 +383,7 @@ def log_evaluation(run: Run | None, metrics: Mapping[str, Any], reports: Path, s
     for code, row in metrics["per_class"].items():
         values |= {f"test_{k}_{code}": row[k] for k in ("precision", "recall", "f1")}
     values |= {f"robustness_{k}": v for k, v in metrics.get("robustness", {}).items()}
+    values |= {f"review_{k}": v for k, v in metrics.get("review", {}).items()}
     run.log_metrics(values)
     table = pd.DataFrame([{"class": c} | row for c, row in metrics["per_class"].items()])
     # log_dict, not log_table: log_table appends to an existing file, so re-evaluating the same
@@ -393,5 +394,5 @@ def log_evaluation(run: Run | None, metrics: Mapping[str, Any], reports: Path, s
     run.set_tags({"test_split_id": split_id, "n_test": metrics["n_test"]})
     for name in ("confusion.png", "misclassified.png"):
         run.log_artifact(reports / name, "figures")
-    for name in ("metrics.json", "robustness.csv", "predictions.csv"):
+    for name in ("metrics.json", "robustness.csv", "predictions.csv", "review_curve.csv"):
         run.log_artifact(reports / name, "evaluation")

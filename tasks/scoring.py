@@ -32,10 +32,11 @@ def load_champion(model_uri: str, tracking_uri: str):
 
 
 @task(name="score-images", cache_policy=NO_CACHE, timeout_seconds=3600)
-def score_images(inputs: list[str], model, out: str) -> dict:
+def score_images(inputs: list[str], model, out: str, review_below: float) -> dict:
     """Score ``inputs``, write the predictions CSV to ``out``; returns the summary."""
-    frame = scoring.score([Path(p) for p in inputs], model)
+    frame = scoring.score([Path(p) for p in inputs], model, review_below)
     scoring.write_csv(frame, Path(out))
     summary = scoring.summarize(frame)
-    get_run_logger().info("scored %d images into %s: %s", summary["n"], out, summary["counts"])
+    get_run_logger().info("scored %d images into %s: %s; %d need review", summary["n"], out, summary["counts"],
+                          summary["needs_review"])
     return summary

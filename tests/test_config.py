@@ -34,6 +34,12 @@ def test_unknown_model_is_refused():
         load_config(overrides=["train.model=resnet999"])
 
 
+@pytest.mark.parametrize("value", [-0.1, 1.5])
+def test_review_threshold_outside_0_1_is_refused(value):
+    with pytest.raises(ConfigError, match="review.below_confidence"):
+        load_config(overrides=[f"review.below_confidence={value}"])
+
+
 def test_environment_variable_overrides_data_source(monkeypatch):
     monkeypatch.setenv(DATA_SOURCE_ENV, "/plant/images")
     assert load_config().data.source == "/plant/images"

@@ -6,8 +6,8 @@ import pandas as pd
 import torch
 
 from neu_model import corruptions
-from neu_model.evaluate import evaluate
-from neu_model.metrics import classification_metrics
+from neu_model.evaluate import CURVE_THRESHOLDS, evaluate
+from neu_model.metrics import classification_metrics, review_curve, review_metrics
 
 from conftest import tiny_config
 
@@ -32,6 +32,23 @@ def test_reports_on_the_test_part(tiny_data, tiny_model, tmp_path):
     assert 0 <= on_disk["robustness"]["mean_accuracy"] <= 1
 
 
+def test_review_reports_agree_with_the_predictions(tiny_data, tiny_model, tmp_path):
+    # 0.4: the 1-epoch tiny model is unsure, so some images fall on each side
+    metrics = evaluate(tiny_config("evaluate.robustness=false", "review.below_confidence=0.4"), tiny_model,
+                       tiny_data.split, tiny_data.images, tmp_path)
+    predictions = pd.read_csv(tmp_path / "predictions.csv")
+    assert (predictions["needs_review"] == (predictions["confidence"] < 0.4)).all()
+    review, wrong = metrics["review"], predictions["label"] != predictions["predicted"]
+    assert review["below_confidence"] == 0.4 and review["flagged"] == predictions["needs_review"].sum()
+    assert review["flagged_errors"] == (wrong & predictions["needs_review"]).sum()
+    assert review["accepted_errors"] == (wrong & ~predictions["needs_review"]).sum()
+    assert review["flagged_errors"] + review["accepted_errors"] == metrics["errors"]
+    curve = pd.read_csv(tmp_path / "review_curve.csv")
+    assert list(curve["below_confidence"]) == CURVE_THRESHOLDS
+    assert curve["flagged_share"].is_monotonic_increasing
+    assert curve["accepted_errors"].is_monotonic_decreasing
+
+
 def test_metrics_by_hand():
     actual = torch.tensor([0, 0, 1, 1, 3, 3])
     predicted = torch.tensor([0, 1, 1, 1, 1, 3])  # one Cr->In, one PS->In
@@ -40,3 +57,18 @@ def test_metrics_by_hand():
     assert m["errors"] == 2 and m["in_ps_errors"] == 1
     assert m["per_class"]["In"]["precision"] == 0.5 and m["per_class"]["In"]["recall"] == 1.0
     assert m["confusion_matrix"][0][1] == 1
+
+
+def test_review_metrics_by_hand():
+    actual = torch.tensor([1, 3, 3, 0])
+    probs = torch.tensor([[0.0, 0.9, 0.0, 0.1, 0.0, 0.0],    # In, sure, right
+                          [0.0, 0.8, 0.0, 0.2, 0.0, 0.0],    # PS called In, sure: accepted unseen
+                          [0.0, 0.55, 0.0, 0.45, 0.0, 0.0],  # PS called In, unsure: flagged
+                          [0.6, 0.0, 0.0, 0.0, 0.4, 0.0]])   # Cr, unsure but right: flagged
+    m = review_metrics(actual, probs, 0.7)
+    assert m == {"below_confidence": 0.7, "flagged": 2, "flagged_share": 0.5, "flagged_errors": 1,
+                 "accepted_errors": 1, "accepted_in_ps_errors": 1, "accepted_accuracy": 0.5}
+    assert review_metrics(actual, probs, 0.0)["accepted_errors"] == 2  # 0 flags nothing
+    everything = review_metrics(actual, probs, 1.0)
+    assert everything["flagged"] == 4 and everything["accepted_accuracy"] == 1.0
+    assert [row["accepted_errors"] for row in review_curve(actual, probs, [0.5, 0.6, 0.85])] == [2, 1, 0]

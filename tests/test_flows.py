@@ -196,10 +196,12 @@ def test_scoring_flow_scores_an_archive_with_the_champion(first_run, tmp_path):
     state = scoring_flow([str(archive)], out=str(tmp_path / "scores.csv"), project=str(project), return_state=True)
     assert state.is_completed(), state.message
     frame = pd.read_csv(tmp_path / "scores.csv")
-    assert list(frame.columns) == ["file", "predicted", "confidence", *[f"p_{c}" for c in CLASSES]]
+    assert list(frame.columns) == ["file", "predicted", "confidence", "needs_review", *[f"p_{c}" for c in CLASSES]]
     assert len(frame) == 30 and frame["file"].iloc[0].startswith(f"{archive}:NEU-CLS/")
     summary = flow_artifacts(state)["neu-scoring-summary"].data
     assert "Least confident" in summary and "images scored: 30" in summary
+    flagged = int((frame["confidence"] < 0.7).sum())  # the project's review.below_confidence
+    assert frame["needs_review"].sum() == flagged and f"Need review (confidence below the threshold): **{flagged}**" in summary
 
 
 # ---------------------------------------------------------------- fast: no flow run
@@ -220,11 +222,12 @@ def test_score_reads_folders_and_archives(tmp_path):
 
     archive = tmp_path / "b.zip"
     archive.write_bytes(fixture_zip())
-    frame = score([FIXTURE_IMAGES, archive], Uniform(), batch_size=16)
+    frame = score([FIXTURE_IMAGES, archive], Uniform(), review_below=0.45, batch_size=16)
     assert len(frame) == 60 and frame["file"].iloc[-1].startswith(f"{archive}:NEU-CLS/")
     summary = summarize(frame, n_least=2)
     assert summary["counts"] == {"Cr": 4, "In": 0, "Pa": 0, "PS": 0, "RS": 0, "Sc": 56}  # batches of 16
     assert summary["least_confident"][0]["confidence"] == pytest.approx(0.4)
+    assert summary["needs_review"] == 4 and list(frame["needs_review"]) == list(frame["predicted"] == "Cr")
 
 
 def test_params_override_lasts_one_run(tmp_path):

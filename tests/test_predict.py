@@ -21,6 +21,16 @@ def test_predicts_a_folder(tiny_model):
     probs = frame[[f"p_{c}" for c in ("Cr", "In", "Pa", "PS", "RS", "Sc")]]
     assert ((probs.sum(axis=1) - 1).abs() < 1e-4).all()
     assert (frame["confidence"] == probs.max(axis=1)).all()
+    # params.yaml's review.below_confidence by default
+    assert (frame["needs_review"] == (frame["confidence"] < 0.7)).all()
+
+
+def test_review_threshold_flags_the_less_confident(tiny_model):
+    frame = predict_files([FIXTURE_IMAGES], tiny_model, device="cpu", review_below=0.0)
+    assert not frame["needs_review"].any()
+    middle = float(frame["confidence"].median())
+    flagged = predict_files([FIXTURE_IMAGES], tiny_model, device="cpu", review_below=middle)["needs_review"]
+    assert list(flagged) == list(frame["confidence"] < middle) and 0 < flagged.sum() < len(frame)
 
 
 def test_wrong_size_names_the_file(tiny_model, tmp_path):
@@ -39,3 +49,10 @@ def test_cli_writes_csv_and_fails_cleanly(tiny_model, tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip().startswith("error:") and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_cli_refuses_a_review_threshold_that_is_no_confidence(tiny_model, tmp_path):
+    cmd = [sys.executable, "-m", "neu_model.predict", "--model", str(tiny_model), str(FIXTURE_IMAGES)]
+    bad = subprocess.run([*cmd, "--review-below", "70"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--review-below: '70' is not a confidence in [0, 1]" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -20,7 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.report import scoring_markdown
 from neu_model.cli import disable_telemetry
 from neu_model.config import load_config
-from neu_model.predict import confidence
+from neu_model.predict import confidence_arg
 from neu_model.score import champion_uri
 from tasks.scoring import load_champion, score_images
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="reports/scores.csv")
     parser.add_argument("--model-name")
     parser.add_argument("--alias", default="champion")
-    parser.add_argument("--review-below", type=confidence, metavar="CONFIDENCE",
+    parser.add_argument("--review-below", type=confidence_arg, metavar="CONFIDENCE",
                         help="flag predictions less confident than this (default: review.below_confidence)")
     args = parser.parse_args(argv)
     state = scoring_flow([str(Path(p).resolve()) for p in args.inputs], args.out, args.model_name, args.alias,

@@ -83,7 +83,7 @@ def predictions_frame(files: Sequence[str], probs: torch.Tensor, review_below: f
     return frame
 
 
-def confidence(text: str) -> float:
+def confidence_arg(text: str) -> float:
     """``argparse`` type of ``--review-below``: a number in [0, 1], else a one-line usage error."""
     try:
         value = float(text)
@@ -118,7 +118,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", type=Path, default=MODEL_FILE, help="saved model (default models/model.pt)")
     parser.add_argument("--out", type=Path, help="write the CSV here instead of stdout")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--review-below", type=confidence, metavar="CONFIDENCE",
+    parser.add_argument("--review-below", type=confidence_arg, metavar="CONFIDENCE",
                         help="flag predictions less confident than this (default: review.below_confidence)")
     return parser
 

@@ -24,7 +24,7 @@ from neu_model.cli import StageError, run_stage
 from neu_model.config import CLASSES, PARAMS_FILE, load_config
 from neu_model.download import extract
 from neu_model.files import write_text
-from neu_model.predict import confidence, find_images, load_for_model, predictions_frame
+from neu_model.predict import confidence_arg, find_images, load_for_model, predictions_frame
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 
@@ -123,7 +123,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("inputs", nargs="+", type=Path, help="image files, folders, .zip or .tar(.gz) archives")
     parser.add_argument("--out", type=Path, default=Path("reports/scores.csv"))
     parser.add_argument("--model-uri", help="default: models:/<register.model_name>@champion")
-    parser.add_argument("--review-below", type=confidence, metavar="CONFIDENCE",
+    parser.add_argument("--review-below", type=confidence_arg, metavar="CONFIDENCE",
                         help="flag predictions less confident than this (default: review.below_confidence)")
     return parser
 

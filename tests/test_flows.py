@@ -25,7 +25,7 @@ import pandas as pd
 import pytest
 
 from neu_model import orchestrate
-from neu_model.config import CLASSES
+from neu_model.config import CLASSES, load_config
 from neu_model.download import RETRY_DELAYS
 
 from conftest import FIXTURE_IMAGES, make_project
@@ -200,7 +200,7 @@ def test_scoring_flow_scores_an_archive_with_the_champion(first_run, tmp_path):
     assert len(frame) == 30 and frame["file"].iloc[0].startswith(f"{archive}:NEU-CLS/")
     summary = flow_artifacts(state)["neu-scoring-summary"].data
     assert "Least confident" in summary and "images scored: 30" in summary
-    flagged = int((frame["confidence"] < 0.7).sum())  # the project's review.below_confidence
+    flagged = int((frame["confidence"] < load_config(project / "params.yaml").review.below_confidence).sum())
     assert frame["needs_review"].sum() == flagged and f"Need review (confidence below the threshold): **{flagged}**" in summary
 
 

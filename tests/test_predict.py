@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from neu_model.cli import StageError
-from neu_model.config import ROOT
+from neu_model.config import ROOT, load_config
 from neu_model.predict import predict_files
 
 from conftest import FIXTURE_IMAGES
@@ -21,8 +21,8 @@ def test_predicts_a_folder(tiny_model):
     probs = frame[[f"p_{c}" for c in ("Cr", "In", "Pa", "PS", "RS", "Sc")]]
     assert ((probs.sum(axis=1) - 1).abs() < 1e-4).all()
     assert (frame["confidence"] == probs.max(axis=1)).all()
-    # params.yaml's review.below_confidence by default
-    assert (frame["needs_review"] == (frame["confidence"] < 0.7)).all()
+    threshold = load_config().review.below_confidence  # the default
+    assert (frame["needs_review"] == (frame["confidence"] < threshold)).all()
 
 
 def test_review_threshold_flags_the_less_confident(tiny_model):

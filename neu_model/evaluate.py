@@ -4,8 +4,8 @@ Writes ``reports/metrics.json`` (accuracy, macro_f1, per_class, review, robustne
 confusion matrix as ``reports/confusion.json`` (DVC's confusion template) and
 ``reports/confusion.png``, a gallery of every misclassified test image
 (``reports/misclassified.png``), per-image predictions (``reports/predictions.csv``), what each
-review threshold would flag (``reports/review_curve.csv``) and per-corruption accuracy
-(``reports/robustness.csv``).
+review threshold would flag (``reports/review_curve.csv``) and per-corruption accuracy and
+review figures (``reports/robustness.csv``).
 
     python -m neu_model.evaluate
 """
@@ -41,17 +41,27 @@ REPORTS = Path("reports")
 CURVE_THRESHOLDS = [round(0.2 + 0.05 * i, 2) for i in range(16)]
 
 
-def robustness(model: nn.Module, data: ImageSet, device: torch.device, batch_size: int) -> pd.DataFrame:
-    """Accuracy on each fixed corruption and severity of the suite."""
+ROBUSTNESS_COLUMNS = ["case", "corruption", "severity", "accuracy", "flagged_share", "accepted_errors"]
+
+
+def robustness(model: nn.Module, data: ImageSet, device: torch.device, batch_size: int,
+               review_below: float) -> pd.DataFrame:
+    """Accuracy on each fixed corruption and severity of the suite, and what review flags there.
+
+    A degraded camera should send more images to a person rather than make silent errors:
+    ``flagged_share`` and ``accepted_errors`` say whether it does.
+    """
     clean = to_float(data.images)
     rows = []
     for name, (_, severities) in corruptions.SUITE.items():
         for severity in severities:
             corrupted = (corruptions.corrupt(clean, name, severity) * 255).round().to(torch.uint8)
-            predicted = predict_logits(model, corrupted, device, batch_size).argmax(1)
+            probs = predict_logits(model, corrupted, device, batch_size).softmax(1)
+            review = review_metrics(data.labels, probs, review_below)
             rows.append({"case": f"{name} {severity:g}", "corruption": name, "severity": severity,
-                         "accuracy": round((predicted == data.labels).float().mean().item(), 6)})
-    return pd.DataFrame(rows)
+                         "accuracy": round((probs.argmax(1) == data.labels).float().mean().item(), 6),
+                         "flagged_share": review["flagged_share"], "accepted_errors": review["accepted_errors"]})
+    return pd.DataFrame(rows, columns=ROBUSTNESS_COLUMNS)
 
 
 def _csv(frame: pd.DataFrame, path: Path) -> None:
@@ -90,12 +100,15 @@ def evaluate(cfg: Config, model_file: Path = MODEL_FILE, split_file: Path = SPLI
     gallery_figure(test.images[wrong], titles, reports / "misclassified.png")
 
     # Written either way: dvc.yaml declares the file, so a run without the suite leaves it empty.
-    table = (robustness(model, test, device, cfg.evaluate.batch_size) if cfg.evaluate.robustness
-             else pd.DataFrame(columns=["case", "corruption", "severity", "accuracy"]))
+    table = (robustness(model, test, device, cfg.evaluate.batch_size, cfg.review.below_confidence)
+             if cfg.evaluate.robustness else pd.DataFrame(columns=ROBUSTNESS_COLUMNS))
     _csv(table, reports / "robustness.csv")
     if cfg.evaluate.robustness:
         metrics["robustness"] = {"mean_accuracy": round(table["accuracy"].mean(), 6)} | {
             name: round(group["accuracy"].mean(), 6) for name, group in table.groupby("corruption", sort=False)}
+        n_images = len(test) * len(table)
+        metrics["review"] |= {"suite_flagged_share": round(table["flagged_share"].mean(), 6),
+                              "suite_accepted_error_rate": round(table["accepted_errors"].sum() / n_images, 6)}
     write_json(reports / "metrics.json", metrics)
     tracking.log_evaluation(run, metrics, reports, split_file)
     return metrics
@@ -119,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     log.info("review below %.2f confidence: %d images flagged (%.2f%%), %d of the errors among them; "
              "%d errors accepted (In<->PS %d)", r["below_confidence"], r["flagged"], 100 * r["flagged_share"],
              r["flagged_errors"], r["accepted_errors"], r["accepted_in_ps_errors"])
+    if "suite_flagged_share" in r:
+        log.info("under the corruption suite: %.2f%% flagged, %.3f%% errors accepted",
+                 100 * r["suite_flagged_share"], 100 * r["suite_accepted_error_rate"])
 
 
 if __name__ == "__main__":

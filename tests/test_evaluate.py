@@ -30,6 +30,23 @@ def test_reports_on_the_test_part(tiny_data, tiny_model, tmp_path):
     robustness = pd.read_csv(tmp_path / "robustness.csv")
     assert len(robustness) == sum(len(s) for _, s in corruptions.SUITE.values())
     assert 0 <= on_disk["robustness"]["mean_accuracy"] <= 1
+    # review under corruption: the share flagged and the errors let through, per case and overall
+    assert ((robustness["accepted_errors"] >= 0)
+            & (robustness["accepted_errors"] <= round((1 - robustness["accuracy"]) * n_test))).all()
+    assert on_disk["review"]["suite_flagged_share"] == round(robustness["flagged_share"].mean(), 6)
+    assert on_disk["review"]["suite_accepted_error_rate"] == \
+        round(robustness["accepted_errors"].sum() / (n_test * len(robustness)), 6)
+
+
+def test_review_threshold_reaches_the_corruption_suite(tiny_data, tiny_model, tmp_path):
+    n_test = (pd.read_csv(tiny_data.split)["split"] == "test").sum()
+    for threshold, flagged in ((0.0, 0.0), (1.0, 1.0)):  # nothing flagged, everything flagged
+        evaluate(tiny_config("evaluate.robustness=true", f"review.below_confidence={threshold}"), tiny_model,
+                 tiny_data.split, tiny_data.images, tmp_path)
+        table = pd.read_csv(tmp_path / "robustness.csv")
+        assert (table["flagged_share"] == flagged).all()
+        errors = ((1 - table["accuracy"]) * n_test).round().astype(int)
+        assert list(table["accepted_errors"]) == (list(errors) if threshold == 0 else [0] * len(table))
 
 
 def test_review_reports_agree_with_the_predictions(tiny_data, tiny_model, tmp_path):

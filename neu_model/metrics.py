@@ -13,6 +13,12 @@ def confusion_matrix(actual: torch.Tensor, predicted: torch.Tensor, n: int = len
     return torch.bincount(actual * n + predicted, minlength=n * n).reshape(n, n)
 
 
+def in_ps_errors(cm: torch.Tensor) -> int:
+    """Inclusions called pitted surfaces and back: the confusion the first public model made."""
+    i_in, i_ps = CLASSES.index("In"), CLASSES.index("PS")
+    return int(cm[i_in, i_ps].item() + cm[i_ps, i_in].item())
+
+
 def classification_metrics(actual: torch.Tensor, predicted: torch.Tensor) -> dict:
     """Accuracy, macro-F1, per-class precision/recall/F1 and the In<->PS confusions.
 
@@ -25,12 +31,11 @@ def classification_metrics(actual: torch.Tensor, predicted: torch.Tensor) -> dic
     precision = tp / cm.sum(0).clamp(min=1)
     recall = tp / cm.sum(1).clamp(min=1)
     f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
-    i_in, i_ps = CLASSES.index("In"), CLASSES.index("PS")
     return {
         "accuracy": round((tp.sum() / cm.sum().clamp(min=1)).item(), 6),
         "macro_f1": round(f1.mean().item(), 6),
         "errors": int(cm.sum().item() - tp.sum().item()),
-        "in_ps_errors": int(cm[i_in, i_ps].item() + cm[i_ps, i_in].item()),
+        "in_ps_errors": in_ps_errors(cm),
         "per_class": {
             c: {"precision": round(precision[i].item(), 6), "recall": round(recall[i].item(), 6),
                 "f1": round(f1[i].item(), 6), "support": int(cm[i].sum().item())}
@@ -54,8 +59,6 @@ def review_metrics(actual: torch.Tensor, probs: torch.Tensor, below_confidence: 
     flagged = confidence < below_confidence
     wrong = predicted != actual
     accepted = ~flagged
-    accepted_cm = confusion_matrix(actual[accepted], predicted[accepted])
-    i_in, i_ps = CLASSES.index("In"), CLASSES.index("PS")
     n_accepted = int(accepted.sum())
     accepted_errors = int((wrong & accepted).sum())
     return {
@@ -64,7 +67,7 @@ def review_metrics(actual: torch.Tensor, probs: torch.Tensor, below_confidence: 
         "flagged_share": round(flagged.float().mean().item(), 6) if len(actual) else 0.0,
         "flagged_errors": int((wrong & flagged).sum()),
         "accepted_errors": accepted_errors,
-        "accepted_in_ps_errors": int(accepted_cm[i_in, i_ps] + accepted_cm[i_ps, i_in]),
+        "accepted_in_ps_errors": in_ps_errors(confusion_matrix(actual[accepted], predicted[accepted])),
         "accepted_accuracy": round(1 - accepted_errors / n_accepted, 6) if n_accepted else 1.0,
     }
 

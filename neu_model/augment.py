@@ -91,14 +91,39 @@ def photometric_one(x: torch.Tensor, gen: torch.Generator, p: float = 0.75) -> t
     return x
 
 
-def augment(x: torch.Tensor, kind: str, gen: torch.Generator, turn_probability: float = 0.5) -> torch.Tensor:
+def roll_marks(x: torch.Tensor, gen: torch.Generator, p: float) -> torch.Tensor:
+    """Faint full-length lines along the rolling direction (the image's columns) on a random ``p``
+    of the batch: 1-3 lines each, 2-6 px wide with a tent-shaped profile, darkening 4-20 % at
+    the centre, the depth varying smoothly along the line. Rolls leave such marks on every kind
+    of strip, so they say nothing of the defect."""
+    n, c, h, w = x.shape
+    x = x.clone()
+    cols = torch.arange(w, dtype=x.dtype)
+    for i in (torch.rand(n, generator=gen) < p).nonzero().flatten().tolist():
+        for _ in range(int(torch.randint(1, 4, (1,), generator=gen))):
+            half_width = float(_uniform(1, 1.0, 3.0, gen))
+            centre = float(_uniform(1, 0, w - 1, gen))
+            depth = float(_uniform(1, 0.04, 0.20, gen))
+            across = (1 - (cols - centre).abs() / half_width).clamp(min=0).view(1, w)
+            knots = _uniform(5, 0.4, 1.0, gen).view(1, 1, 5)
+            along = F.interpolate(knots, size=h, mode="linear", align_corners=True).view(h, 1)
+            x[i] *= 1 - depth * along * across
+    return x
+
+
+def augment(
+    x: torch.Tensor, kind: str, gen: torch.Generator, turn_probability: float = 0.5, roll_mark_share: float = 0.0,
+) -> torch.Tensor:
     """Augment a float batch in [0, 1] on the CPU according to the recipe's ``augment`` setting;
     ``turn_probability`` is the share of images turned by 90 degrees (0.5: all eight symmetries
-    of the square equally likely)."""
+    of the square equally likely) and ``roll_mark_share`` the share given faint roll marks first."""
     if kind not in AUGMENTS:
         raise ValueError(f"unknown augment {kind!r}; choose one of {AUGMENTS}")
     if kind == "none":
         return x
+    if roll_mark_share > 0:
+        # before the turns, so the marks run along the rolling direction like the defects do
+        x = roll_marks(x, gen, roll_mark_share)
     x = geometric(x, gen, turn_probability=turn_probability)
     if kind == "robust":
         return photometric(x, gen)

@@ -66,6 +66,7 @@ class Recipe:
     label_smoothing: float
     augment: str
     turn_probability: float  # share of training images turned by 90 degrees
+    roll_mark_share: float  # share of training images given faint lines along the rolling direction
     shuffle: bool
     ema_decay: float  # exponential moving average of the weights per step; 0 = off
 

@@ -134,7 +134,8 @@ def train_one_epoch(model: nn.Module, data: ImageSet, recipe: Recipe, optimizer:
     batches = range(0, len(order), recipe.batch_size)
     for i in progress(batches, desc=f"epoch {epoch + 1}/{recipe.epochs}", unit="batch"):
         idx = order[i: i + recipe.batch_size]
-        x = augment(to_float(data.images[idx]), recipe.augment, gen, recipe.turn_probability).to(device, non_blocking=True)
+        x = augment(to_float(data.images[idx]), recipe.augment, gen, recipe.turn_probability, recipe.roll_mark_share)
+        x = x.to(device, non_blocking=True)
         y = data.labels[idx].to(device, non_blocking=True)
         x = x.contiguous(memory_format=memory_format(device))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):

@@ -74,3 +74,29 @@ def test_turn_probability_sets_the_share_of_images_turned_90_degrees(turn_probab
               for i in range(len(x))]
     assert all(k != t for k, t in zip(kept, turned))  # each image either keeps its orientation or is turned
     assert sum(turned) / len(x) == pytest.approx(turn_probability, abs=0.06)
+
+
+def test_roll_marks_darken_a_few_whole_columns_of_a_share_of_the_batch():
+    from neu_model.augment import roll_marks
+
+    x = torch.full((400, 1, 40, 50), 0.8)
+    out = roll_marks(x, torch.Generator().manual_seed(0), p=0.3)
+    marked = (out != x).flatten(1).any(1)
+    assert marked.float().mean().item() == pytest.approx(0.3, abs=0.06)
+    assert torch.equal(out[~marked], x[~marked])  # the rest untouched
+    ratio = out[marked] / 0.8
+    assert ratio.max() <= 1 and ratio.min() >= 0.8 ** 3 - 1e-6  # only darker: 20 % at most a line, 3 lines at most
+    touched = (ratio < 1).any(dim=-2)  # columns a mark crosses, per image
+    assert touched.sum(-1).max().item() <= 3 * 6  # at most 3 lines, each under 6 px wide
+    assert ((ratio < 1).all(dim=-2) == touched).all()  # every marked column is marked from top to bottom
+
+
+@pytest.mark.parametrize("turn_probability", [0.0, 1.0])
+def test_roll_marks_are_drawn_before_the_turns(turn_probability):
+    x = torch.full((100, 1, 32, 32), 0.5)
+    out = augment(x, "geometric", torch.Generator().manual_seed(3), turn_probability, roll_mark_share=1.0)
+    along_columns = out.std(dim=-2).mean().item()  # how much a column changes from top to bottom
+    along_rows = out.std(dim=-1).mean().item()
+    assert along_rows > 0 and along_columns > 0
+    # unturned images keep their marks as columns; turned ones (all of them at 1.0) as rows
+    assert (along_columns < along_rows) == (turn_probability == 0.0)

@@ -182,6 +182,11 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
         )
     if not 0 < cfg.split.test_fraction < 1 or not 0 <= cfg.split.val_fraction < 1:
         raise ConfigError("split.test_fraction must be in (0, 1) and split.val_fraction in [0, 1)")
+    for name, recipe in cfg.train.recipes.items():
+        for key in ("turn_probability", "roll_mark_share"):
+            if not 0 <= getattr(recipe, key) <= 1:
+                raise ConfigError(f"train.recipes.{name}.{key}={getattr(recipe, key)} must be a share "
+                                  "of the training images, in [0, 1]")
     if not 0 <= cfg.review.below_confidence <= 1:
         raise ConfigError(f"review.below_confidence={cfg.review.below_confidence} must be in [0, 1] "
                           "(0 flags nothing, 1 flags everything)")

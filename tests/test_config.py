@@ -40,6 +40,12 @@ def test_review_threshold_outside_0_1_is_refused(value):
         load_config(overrides=[f"review.below_confidence={value}"])
 
 
+@pytest.mark.parametrize("key,value", [("turn_probability", -0.2), ("roll_mark_share", 30)])
+def test_augmentation_shares_outside_0_1_are_refused(key, value):
+    with pytest.raises(ConfigError, match=rf"train.recipes.defectnet.{key}={value} must be a share"):
+        load_config(overrides=[f"train.recipes.defectnet.{key}={value}"])
+
+
 def test_environment_variable_overrides_data_source(monkeypatch):
     monkeypatch.setenv(DATA_SOURCE_ENV, "/plant/images")
     assert load_config().data.source == "/plant/images"

@@ -96,7 +96,7 @@ def roll_marks(x: torch.Tensor, gen: torch.Generator, p: float) -> torch.Tensor:
     of the batch: 1-3 lines each, 2-6 px wide with a tent-shaped profile, darkening 4-20 % at
     the centre, the depth varying smoothly along the line. Rolls leave such marks on every kind
     of strip, so they say nothing of the defect."""
-    n, c, h, w = x.shape
+    n, _, h, w = x.shape
     x = x.clone()
     cols = torch.arange(w, dtype=x.dtype)
     for i in (torch.rand(n, generator=gen) < p).nonzero().flatten().tolist():

@@ -39,8 +39,6 @@ log = logging.getLogger("neu_model.evaluate")
 REPORTS = Path("reports")
 # The review thresholds of reports/review_curve.csv; the top class of six is never below 1/6.
 CURVE_THRESHOLDS = [round(0.2 + 0.05 * i, 2) for i in range(16)]
-
-
 ROBUSTNESS_COLUMNS = ["case", "corruption", "severity", "accuracy", "flagged_share", "accepted_errors"]
 
 

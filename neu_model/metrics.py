@@ -75,4 +75,4 @@ def review_metrics(actual: torch.Tensor, probs: torch.Tensor, below_confidence: 
 def review_curve(actual: torch.Tensor, probs: torch.Tensor, thresholds: list[float]) -> list[dict]:
     """``review_metrics`` at each threshold: the trade between people's work and unseen errors."""
     keys = ("below_confidence", "flagged_share", "accepted_errors", "accepted_accuracy")
-    return [{k: review_metrics(actual, probs, t)[k] for k in keys} for t in thresholds]
+    return [{k: m[k] for k in keys} for m in (review_metrics(actual, probs, t) for t in thresholds)]

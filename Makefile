@@ -1,6 +1,7 @@
 # Everything sets itself up: the first target you run creates .venv from requirements.lock.
-#   make pipeline   the whole chain on the real data (dvc repro)
-#   make test       the test suite
+#   make pipeline   dvc repro (its first stage, source, looks for new images), then dvc metrics show
+#   make test       ruff, then the whole test suite
+#   make test-fast  the test suite without the slow tests (no ruff)
 #   make bench      train and score every model, print a table (ARGS="--seeds 0 1 2 --epochs 5")
 #   make retrain    the Prefect training flow once (ARGS="--set key=value --device cuda")
 #   make serve      the training flow as a deployment on a cron schedule (CRON="0 3 * * 1")
@@ -22,7 +23,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
-.PHONY: pipeline test test-fast install clean-outputs retrain serve bench
+.PHONY: install pipeline retrain serve test test-fast bench ui registry
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,7 +34,6 @@ $(STAMP): requirements.lock pyproject.toml
 install: $(STAMP)
 
 pipeline: $(STAMP)
-	$(PY) -m neu_model.source
 	$(BIN)/dvc repro
 	$(BIN)/dvc metrics show
 
@@ -46,6 +46,7 @@ serve: $(STAMP)
 	$(PY) -m flows.training serve --cron "$(CRON)" $(ARGS)
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
@@ -55,7 +56,6 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_models.py $(ARGS)
 
 # MLflow: run metadata in mlflow.db (MLFLOW_TRACKING_URI), artifacts in mlruns/ beside it.
-.PHONY: ui registry
 UI_PORT ?= 5000
 ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --default-artifact-root "$(CURDIR)/mlruns" \

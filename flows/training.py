@@ -1,4 +1,4 @@
-"""The training flow: source fingerprint → download → split → train → evaluate → register.
+"""The training flow: source → download → split → train → evaluate → register (dvc.yaml's stages).
 
     python -m flows.training [--set KEY=VALUE ...] [--data-source SRC] [--device DEV]   # one run
     python -m flows.training serve [--cron "0 3 * * 1"]                                # scheduled
@@ -53,25 +53,24 @@ def training_flow(overrides: list[str] | None = None, data_source: str | None = 
     logger = get_run_logger()
     root = str(Path(project or ROOT).resolve())
     run_overrides = [*(overrides or []), *([f"train.device={device}"] if device else [])]
+    # ran["source"]: whether the source stage found new data (DVC runs that stage every time).
     ran = dict.fromkeys(orchestrate.STAGES, False)
-    changed, new_data = [], False
+    changed = []
     backoff = {"retry_delay_seconds": exponential_backoff(retry_backoff_seconds)}
-    steps = [stages.download.with_options(**backoff), stages.split, stages.train, stages.evaluate,
+    steps = [stages.source, stages.download.with_options(**backoff), stages.split, stages.train, stages.evaluate,
              stages.register.with_options(**backoff)]
     try:
         changed = stages.apply_params(root, run_overrides)  # first: an override may set data.source
-        # Before any stage, so that new images at the source change data/source.json and DVC sees them.
-        new_data = stages.fingerprint_source(root, data_source)
-        for name, step in zip(orchestrate.STAGES, steps):
+        for name, step in zip(orchestrate.STAGES, steps, strict=True):
             ran[name] = step(root, data_source)
     except Exception as exc:
         # A failed run leaves its summary too: which stage, and what the workspace holds now.
         try:
-            _publish(root, ran, changed, new_data, mlflow_ui, run_overrides, failed=str(exc).splitlines()[0])
+            _publish(root, ran, changed, mlflow_ui, run_overrides, failed=str(exc).splitlines()[0])
         except Exception as publish_error:  # noqa: BLE001 - the stage's failure is the one to report
             logger.warning("could not publish the failure summary: %s", publish_error)
         raise
-    summary = _publish(root, ran, changed, new_data, mlflow_ui, run_overrides)
+    summary = _publish(root, ran, changed, mlflow_ui, run_overrides)
     result = {"ran": ran, "mlflow_run_id": summary["run"].get("run_id"),
               "registration": summary["registration"], "test_accuracy": summary["metrics"].get("accuracy")}
     if not any(ran.values()):
@@ -82,12 +81,12 @@ def training_flow(overrides: list[str] | None = None, data_source: str | None = 
     return result
 
 
-def _publish(root: str, ran: dict, changed: list, new_data: bool, mlflow_ui: str, overrides: list[str],
+def _publish(root: str, ran: dict, changed: list, mlflow_ui: str, overrides: list[str],
              failed: str | None = None) -> dict:
     """Create the run's artifacts: the markdown summary and the per-class metrics table."""
     summary = stages.summarize(root)
     link = orchestrate.mlflow_run_link(summary["run"], mlflow_ui)
-    create_markdown_artifact(training_markdown(summary, ran, changed, new_data, link, failed, overrides),
+    create_markdown_artifact(training_markdown(summary, ran, changed, ran["source"], link, failed, overrides),
                              key=SUMMARY_KEY,
                              description="NEU-CLS training run: data, model, accuracy, promotion decision")
     rows = per_class_rows(summary["metrics"])

@@ -33,7 +33,7 @@ def geometric(x: torch.Tensor, gen: torch.Generator, pad: int = 16, turn_probabi
     offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen).tolist()
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     out = torch.empty_like(x)
-    for i, ((row, col), (flip_rows, flip_cols, transpose)) in enumerate(zip(offsets, flips)):
+    for i, ((row, col), (flip_rows, flip_cols, transpose)) in enumerate(zip(offsets, flips, strict=True)):
         view = padded[i, :, row:row + h, col:col + w]
         dims = [d for d, flip in ((-2, flip_rows), (-1, flip_cols)) if flip]
         if dims:

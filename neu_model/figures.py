@@ -45,7 +45,7 @@ def gallery_figure(images: torch.Tensor, titles: Sequence[str], path: Path, cols
     fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, img, title in zip(axes.flat, images, titles):
+    for ax, img, title in zip(axes.flat, images, titles, strict=False):
         ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=255)
         ax.set_title(title, fontsize=7)
     if n == 0:

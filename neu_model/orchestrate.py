@@ -25,7 +25,9 @@ import yaml
 from neu_model.cli import TELEMETRY_OFF
 from neu_model.config import DATA_SOURCE_ENV, ConfigError, apply_overrides, from_dict
 
-STAGES = ("download", "split", "train", "evaluate", "register")
+STAGES = ("source", "download", "split", "train", "evaluate", "register")
+# The source stage's output: rewritten only when there are new images at the source.
+SOURCE_RECORD = Path("data/source.json")
 # Where the flow remembers params.yaml as it was before it applied a run's overrides.
 # .dvc/tmp is per-workspace scratch that git ignores, like the rest of DVC's run state.
 PARAMS_RECORD = Path(".dvc/tmp/flow-params.json")
@@ -42,7 +44,7 @@ Log = Callable[[str], None]
 
 
 class StageFailed(RuntimeError):
-    """A stage (or the source fingerprint) exited non-zero; the message names it and its last lines."""
+    """A stage exited non-zero; the message names it and its last lines."""
 
     def __init__(self, stage: str, exit_code: int | None, tail: Sequence[str]):
         self.stage, self.exit_code = stage, exit_code
@@ -108,6 +110,7 @@ def run_logged(cmd: Sequence[str], cwd: Path, env: dict[str, str], timeout: floa
     finally:
         if timer:
             timer.cancel()
+        proc.stdout.close()
     if timed_out.is_set():
         raise StageFailed(name, None, [*lines, f"killed after {timeout:g}s"])
     if code != 0:
@@ -133,12 +136,16 @@ def repro(stage: str, project: Path, env: dict[str, str], timeout: float | None,
     return any(f"Running stage '{stage}'" in ln for ln in lines)
 
 
-def record_source(project: Path, env: dict[str, str], log_line: Log, timeout: float = 600) -> bool:
-    """Run ``python -m neu_model.source``; returns whether data/source.json changed (new images)."""
-    out = Path(project) / "data" / "source.json"
+def repro_source(project: Path, env: dict[str, str], timeout: float | None, log_line: Log) -> bool:
+    """The source stage through ``repro``; returns whether it changed data/source.json (new data).
+
+    DVC runs this stage every time (``always_changed``), so whether it ran says nothing: the
+    file's bytes before and after do.
+    """
+    out = Path(project) / SOURCE_RECORD
     before = out.read_bytes() if out.exists() else None
-    run_logged([sys.executable, "-m", "neu_model.source"], project, env, timeout, log_line, "source")
-    return out.read_bytes() != before
+    repro("source", project, env, timeout, log_line)
+    return (out.read_bytes() if out.exists() else None) != before
 
 
 # ---------------------------------------------------------------- per-run params
@@ -231,7 +238,7 @@ def run_summary(project: Path) -> dict:
     version = hashlib.sha256(manifest.read_bytes()).hexdigest()[:12] if manifest.exists() else "unknown"
     return {
         "dataset_version": version,
-        "data_source": _read_json(project / "data" / "source.json").get("source", "unknown"),
+        "data_source": _read_json(project / SOURCE_RECORD).get("source", "unknown"),
         "metrics": _read_json(project / "reports" / "metrics.json"),
         "train": _read_json(project / "reports" / "train_metrics.json"),
         "run": _read_json(project / "reports" / "run.json"),
@@ -255,5 +262,5 @@ def mlflow_run_link(run: dict, ui: str) -> str | None:
     return f"{ui.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
 
 
-__all__ = ["STAGES", "StageFailed", "ConfigError", "stage_env", "run_logged", "repro",
-           "record_source", "apply_params", "run_summary", "mlflow_run_link"]
+__all__ = ["STAGES", "SOURCE_RECORD", "StageFailed", "ConfigError", "stage_env", "run_logged", "repro",
+           "repro_source", "apply_params", "run_summary", "mlflow_run_link"]

@@ -54,7 +54,7 @@ def split_frame(manifest: pd.DataFrame, cfg: SplitConfig, seed: int) -> pd.DataF
     for label in sorted(manifest["label"].unique()):
         rows = manifest[manifest["label"] == label].sort_values("file")
         by_hash: dict[str, list[str]] = {}
-        for file, digest in zip(rows["file"], rows["sha256"]):
+        for file, digest in zip(rows["file"], rows["sha256"], strict=True):
             by_hash.setdefault(digest, []).append(file)
         groups = sorted(by_hash.values())
         rng.shuffle(groups)

@@ -53,12 +53,14 @@ def apply_params(project: str, overrides: list[str]) -> list[str]:
     return changed
 
 
-@task(name="fingerprint-source", cache_policy=NO_CACHE, timeout_seconds=TIMEOUTS["source"] + MARGIN)
-def fingerprint_source(project: str, data_source: str | None) -> bool:
-    """Refresh data/source.json; returns whether the source's contents changed."""
+@task(name="source", cache_policy=NO_CACHE, timeout_seconds=TIMEOUTS["source"] + MARGIN)
+def source(project: str, data_source: str | None = None) -> bool:
+    """The source stage; returns whether it found new data (data/source.json changed), since
+    DVC runs this stage every time. Not retried: an unreachable server is no failure (the
+    stage keeps the last fingerprint), and the download's retries cover the network."""
     logger = get_run_logger()
     env = orchestrate.stage_env(Path(project), data_source)
-    changed = orchestrate.record_source(Path(project), env, logger.info, TIMEOUTS["source"])
+    changed = orchestrate.repro_source(Path(project), env, TIMEOUTS["source"], logger.info)
     logger.info("data source %s", "changed: new data will be downloaded" if changed else "unchanged")
     return changed
 

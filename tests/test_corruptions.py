@@ -72,7 +72,8 @@ def test_turn_probability_sets_the_share_of_images_turned_90_degrees(turn_probab
     kept = [any(torch.equal(out[i], x[i].flip(d) if d else x[i]) for d in flips) for i in range(len(x))]
     turned = [any(torch.equal(out[i], (x[i].flip(d) if d else x[i]).transpose(-1, -2)) for d in flips)
               for i in range(len(x))]
-    assert all(k != t for k, t in zip(kept, turned))  # each image either keeps its orientation or is turned
+    # each image either keeps its orientation or is turned
+    assert all(k != t for k, t in zip(kept, turned, strict=True))
     assert sum(turned) / len(x) == pytest.approx(turn_probability, abs=0.06)
 
 

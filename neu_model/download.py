@@ -5,7 +5,9 @@ http(s) URL of a .zip/.tar(.gz) archive, a local archive, or a local folder, in 
 NEU-CLS layout (``Cr_12.bmp``) or in class folders (Kaggle's ``train/Crazing/Cr_1.bmp``).
 The output is ``data/raw/NEU-CLS/<CLS>_<n>.bmp`` plus ``data/raw/manifest.csv``.
 Everything is built and checked in a temporary folder first, so bad input leaves the
-previous ``data/raw`` exactly as it was.
+previous ``data/raw`` exactly as it was. Fetching (retries, timeouts, HTML pages instead of
+archives) is ``neu_model.fetch``; unpacking (unsafe members, zip bombs) ``neu_model.archive``.
+Credentials in the source URL never reach a message or log (``neu_model.redact``).
 
     python -m neu_model.download [--params params.yaml] [--set data.expected_per_class=any]
 """
@@ -14,36 +16,32 @@ from __future__ import annotations
 
 import argparse
 import csv
+import filecmp
 import hashlib
-import http.client
 import io
 import logging
 import os
 import re
 import shutil
 import sys
-import tarfile
 import tempfile
-import time
-import urllib.error
-import urllib.request
-import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Sequence
 
+from neu_model.archive import DamagedArchive, extract, wanted
 from neu_model.cli import StageError, run_stage
 from neu_model.config import ROOT, Config, add_config_args, load_config
-from neu_model.files import atomic_path, replace_dir, sha256_file
+from neu_model.fetch import READ_TIMEOUT, RETRY_DELAYS, fetch_url
+from neu_model.files import replace_dir, sha256_file
+from neu_model.redact import install_log_redaction, redact_url, split_credentials
 
 log = logging.getLogger("neu_model.download")  # not "__main__" under python -m
 
 IMAGES_SUBDIR = "NEU-CLS"
 MANIFEST_NAME = "manifest.csv"
 MANIFEST_COLUMNS = ("file", "label", "sha256", "width", "height")
-IMAGE_EXTS = frozenset({".bmp", ".png", ".jpg", ".jpeg"})
-RETRY_DELAYS = (1.0, 2.0, 4.0)  # seconds to wait before each retry of a download
-CHUNK = 1 << 20
+MAX_UNPACKED_MB = 2048  # the most an archive's images (and a download) may take on disk
 # Folder names of Kaggle's copy (and common spellings), normalised by _norm_folder.
 FOLDER_CLASSES = {"crazing": "Cr", "inclusion": "In", "patches": "Pa", "pitted": "PS", "pitted_surface": "PS",
                   "rolled": "RS", "rolled_in_scale": "RS", "scratches": "Sc"}
@@ -69,108 +67,27 @@ class _Entry:
     name: str  # canonical output name
 
 
-def fetch_url(url: str, dest: Path, retry_delays: Sequence[float] = RETRY_DELAYS, timeout: float = 60) -> None:
-    """Download ``url`` to ``dest`` atomically, retrying connection errors and 5xx.
-
-    Raises:
-        StageError: on a 4xx answer (no retry) or when every attempt failed.
-    """
-    for attempt in range(len(retry_delays) + 1):
-        try:
-            _stream(url, dest, timeout)
-            return
-        except urllib.error.HTTPError as exc:
-            # A 4xx will not change on retry; 408/429 are the server asking us to come back.
-            if exc.code < 500 and exc.code not in (408, 429):
-                raise StageError(f"{url}: HTTP {exc.code} {exc.reason}; fix data.source (or NEU_DATA_SOURCE), "
-                                 f"or download the archive by hand and point data.source at the file") from None
-            error = f"HTTP {exc.code} {exc.reason}"
-        except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
-            error = str(getattr(exc, "reason", None) or exc) or exc.__class__.__name__
-        if attempt == len(retry_delays):
-            raise StageError(f"{url}: download failed after {attempt + 1} attempts ({error}); check the network, "
-                             f"or download the archive by hand and point data.source at the file")
-        log.warning("download of %s failed (%s); retrying in %gs", url, error, retry_delays[attempt])
-        time.sleep(retry_delays[attempt])
-
-
-def _stream(url: str, dest: Path, timeout: float) -> None:
-    from tqdm import tqdm
-
-    request = urllib.request.Request(url, headers={"User-Agent": "neu-model-download"})
-    with urllib.request.urlopen(request, timeout=timeout) as resp, atomic_path(dest) as tmp:
-        total = int(resp.headers.get("Content-Length") or 0) or None
-        quiet = not sys.stderr.isatty()  # in CI logs a progress bar is noise: log lines instead
-        log.info("downloading %s (%s bytes)", url, total or "unknown")
-        start, done = time.monotonic(), 0
-        with tmp.open("wb") as out, tqdm(total=total, unit="B", unit_scale=True, disable=quiet) as bar:
-            while block := resp.read(CHUNK):
-                out.write(block)
-                done += len(block)
-                bar.update(len(block))
-        if total is not None and done != total:
-            # http.client does not flag a connection closed early; a short file must not be cached.
-            raise http.client.IncompleteRead(b"", total - done)
-        log.info("downloaded %d bytes in %.1fs", done, time.monotonic() - start)
-
-
-def _source_path(source: str, cache_dir: Path, retry_delays: Sequence[float]) -> Path:
-    """Return a local folder or archive for ``source``, downloading URLs into the cache."""
+def _source_path(source: str, cache_dir: Path, retry_delays: Sequence[float], read_timeout: float,
+                 max_bytes: int) -> tuple[Path, bool]:
+    """Return a local folder or archive for ``source`` (downloading URLs into the cache), and
+    whether it is a cached download."""
     if re.match(r"^https?://", source, re.IGNORECASE):
-        low = source.lower().split("?")[0]
+        plain, _ = split_credentials(source)  # a new token for the same file reuses the cached copy
+        low = plain.lower().split("?")[0]
         ext = next((e for e in (".tar.gz", ".tgz", ".tar", ".zip") if low.endswith(e)), ".archive")
-        cached = cache_dir / (hashlib.sha256(source.encode()).hexdigest() + ext)
+        cached = cache_dir / (hashlib.sha256(plain.encode()).hexdigest() + ext)
         if cached.exists():
-            log.info("using cached %s for %s", cached, source)
+            log.info("using cached %s for %s", cached, redact_url(source))
         else:
-            fetch_url(source, cached, retry_delays)
-        return cached
+            fetch_url(source, cached, retry_delays, read_timeout, max_bytes)
+        return cached, True
     if "://" in source:
         raise StageError(f"{source}: unsupported URL scheme; use http(s)://, a local archive or a folder")
     path = Path(source).expanduser()
     if not path.exists():
         raise StageError(f"{source}: no such file or folder (relative to {Path.cwd()}); "
                          f"fix data.source in params.yaml or set NEU_DATA_SOURCE")
-    return path
-
-
-def _wanted(parts: Sequence[str]) -> bool:
-    """An image file, not macOS metadata or a hidden file."""
-    return (bool(parts) and Path(parts[-1]).suffix.lower() in IMAGE_EXTS
-            and not any(p == "__MACOSX" or p.startswith(".") for p in parts))
-
-
-def _member_parts(name: str, archive: Path) -> tuple[str, ...]:
-    """Path parts of an archive member; reject the archive if it would escape the target."""
-    path = PurePosixPath(name.replace("\\", "/"))
-    if path.is_absolute() or ".." in path.parts:
-        raise StageError(f"{archive}: member {name!r} would be written outside the extraction folder; "
-                         f"the archive is unsafe, get a clean copy of the data")
-    return path.parts
-
-
-def extract(archive: Path, dest: Path) -> None:
-    """Extract the image files of a zip or tar archive into ``dest``; all names are checked first."""
-    try:
-        if zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as zf:
-                members = [(i, _member_parts(i.filename, archive)) for i in zf.infolist()]
-                for info, parts in members:
-                    if info.is_dir() or not _wanted(parts):
-                        continue
-                    target = dest.joinpath(*parts)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(info) as src, target.open("wb") as out:
-                        shutil.copyfileobj(src, out, CHUNK)
-        elif tarfile.is_tarfile(archive):
-            with tarfile.open(archive) as tf:
-                members = [m for m in tf.getmembers() if _wanted(_member_parts(m.name, archive)) and m.isfile()]
-                # filter="data" additionally refuses links, devices and odd modes.
-                tf.extractall(dest, members=members, filter="data")
-        else:
-            raise StageError(f"{archive}: not a folder, zip or tar archive; point data.source at one of those")
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
-        raise StageError(f"{archive}: damaged archive ({exc}); delete it and download it again") from None
+    return path, False
 
 
 def scan(root: Path, classes: Sequence[str], shown_root: str = "") -> list[_Entry]:
@@ -188,7 +105,7 @@ def scan(root: Path, classes: Sequence[str], shown_root: str = "") -> list[_Entr
         rel_dir = Path(dirpath).relative_to(root)
         for fname in sorted(filenames):
             rel = rel_dir / fname
-            if not _wanted(rel.parts):
+            if not wanted(rel.parts):
                 continue
             stem, ext = Path(fname).stem, Path(fname).suffix.lower()
             shown = shown_root + rel.as_posix()
@@ -220,13 +137,45 @@ def scan(root: Path, classes: Sequence[str], shown_root: str = "") -> list[_Entr
     return entries
 
 
-def _check_names(entries: Sequence[_Entry], cfg: Config, source: str) -> dict[str, int]:
-    """Reject colliding names and wrong class counts; return the counts per class."""
-    seen: dict[str, str] = {}
+def drop_duplicates(entries: Sequence[_Entry]) -> list[_Entry]:
+    """Keep one of each file name and canonical name; refuse a clash unless it is a true copy.
+
+    Two files clash when they have the same file name anywhere in the source (Kaggle's
+    ``train/Crazing/x.bmp`` and ``valid/Inclusion/x.bmp``) or become the same canonical name
+    (``Cr_01.bmp`` and ``Cr_1.bmp``). Identical bytes in the same class are one image stored
+    twice: the first is kept, with a note. Anything else is ambiguous data.
+
+    Raises:
+        StageError: naming both files and why they clash.
+    """
+    first: dict[tuple[str, str], _Entry] = {}
+    kept, copies = [], []
     for e in entries:
-        if e.name in seen:
-            raise StageError(f"{seen[e.name]} and {e.shown} both become {e.name}; remove or rename one of them")
-        seen[e.name] = e.shown
+        keys = (("file", e.src.name), ("name", e.name))
+        other = next((first[k] for k in keys if k in first), None)
+        if other is None:
+            first.update(dict.fromkeys(keys, e))
+            kept.append(e)
+            continue
+        identical = filecmp.cmp(other.src, e.src, shallow=False)
+        if identical and other.label == e.label:
+            copies.append(f"{e.shown} (a copy of {other.shown})")
+        elif identical:
+            raise StageError(f"{other.shown} and {e.shown}: the same image labelled {other.label} and {e.label}; "
+                             f"keep it only in the folder of its true class")
+        elif other.label != e.label:
+            raise StageError(f"{other.shown} and {e.shown}: the same file name in class {other.label} and class "
+                             f"{e.label}; file names must be unique across class folders, rename one of them")
+        else:
+            same = f"both become {e.name}" if other.name == e.name else f"both are named {e.src.name}"
+            raise StageError(f"{other.shown} and {e.shown} {same} but differ; remove or rename one of them")
+    if copies:
+        log.warning("skipped %d identical copies of images: %s", len(copies), "; ".join(copies[:5]))
+    return kept
+
+
+def _check_counts(entries: Sequence[_Entry], cfg: Config, source: str) -> dict[str, int]:
+    """Reject an empty source and wrong class counts; return the counts per class."""
     if not entries:
         raise StageError(f"{source}: no images found (.bmp/.png/.jpg named <CLS>_<n> or in class folders); "
                          f"fix data.source or NEU_DATA_SOURCE")
@@ -275,26 +224,43 @@ def read_checksums(path: Path) -> dict[str, str]:
 
 
 def download(cfg: Config, raw_dir: Path = Path("data/raw"), *, cache_dir: Path = Path("data/cache"),
-             retry_delays: Sequence[float] = RETRY_DELAYS) -> DownloadResult:
+             retry_delays: Sequence[float] = RETRY_DELAYS, read_timeout: float = READ_TIMEOUT,
+             max_unpacked_mb: float = MAX_UNPACKED_MB) -> DownloadResult:
     """Fetch, validate and publish the images as ``raw_dir/NEU-CLS`` and ``raw_dir/manifest.csv``.
 
+    Args:
+        cfg: the configuration; ``cfg.data.source`` says where the images are.
+        raw_dir: the output folder.
+        cache_dir: where downloaded archives are kept between runs.
+        retry_delays: seconds before each retry of a failed download.
+        read_timeout: seconds a server may stay silent before the attempt is given up.
+        max_unpacked_mb: the most an archive's images, and a download, may take (zip bombs).
+
     Raises:
-        StageError: bad source or bad data; ``raw_dir`` is then left untouched.
+        StageError: bad source or bad data; ``raw_dir`` is then left untouched. No message
+            shows the credentials of a source URL.
     """
-    source = cfg.data.source
-    path = _source_path(source, Path(cache_dir), retry_delays)
-    raw_dir = Path(raw_dir)
+    try:
+        return _download(cfg, Path(raw_dir), Path(cache_dir), retry_delays, read_timeout, int(max_unpacked_mb * 2**20))
+    except StageError as exc:  # the messages are built redacted; this also covers any library text
+        raise StageError(redact_url(str(exc))) from None
+
+
+def _download(cfg: Config, raw_dir: Path, cache_dir: Path, retry_delays: Sequence[float], read_timeout: float,
+              max_bytes: int) -> DownloadResult:
+    source, shown_source = cfg.data.source, redact_url(cfg.data.source)
+    path, cached = _source_path(source, cache_dir, retry_delays, read_timeout, max_bytes)
     raw_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".raw-tmp-", dir=raw_dir.parent))
     try:
         # Messages name files as the user wrote the source: "<folder>/<file>" or "<archive>:<member>".
         if path.is_dir():
-            root, shown_root, place = path, source.rstrip("/") + "/", shutil.copyfile
+            root, shown_root, place = path, shown_source.rstrip("/") + "/", shutil.copyfile
         else:
-            root, shown_root, place = work / "extract", source + ":", os.replace
-            extract(path, root)
-        entries = sorted(scan(root, cfg.data.classes, shown_root), key=lambda e: e.name)
-        counts = _check_names(entries, cfg, source)
+            root, shown_root, place = work / "extract", shown_source + ":", os.replace
+            _extract(path, root, max_bytes, cached, shown_source)
+        entries = sorted(drop_duplicates(scan(root, cfg.data.classes, shown_root)), key=lambda e: e.name)
+        counts = _check_counts(entries, cfg, shown_source)
         new = work / "raw"
         (new / IMAGES_SUBDIR).mkdir(parents=True)
         rows = []
@@ -316,13 +282,27 @@ def download(cfg: Config, raw_dir: Path = Path("data/raw"), *, cache_dir: Path =
     return DownloadResult(len(rows), counts, version[:12], verified)
 
 
+def _extract(archive: Path, dest: Path, max_bytes: int, cached: bool, shown_source: str) -> None:
+    """``archive.extract``, naming a cached download by its source; a damaged one leaves the cache."""
+    try:
+        extract(archive, dest, max_bytes)
+    except DamagedArchive as exc:
+        if not cached:
+            raise
+        archive.unlink(missing_ok=True)  # else every later run would fail on the same bad copy
+        raise StageError(f"{shown_source}: the download is unusable ({exc.what}); removed it from {archive.parent}, "
+                         f"the next run downloads it again") from None
+    except StageError as exc:
+        raise StageError(str(exc).replace(str(archive), shown_source) if cached else str(exc)) from None
+
+
 def _verify_public(rows: Sequence[tuple], entries: Sequence[_Entry], checksums: Path) -> bool:
     """If the names are exactly the public set's, require every sha256 to match; else False."""
     sums = read_checksums(checksums)
     if {r[0] for r in rows} != set(sums):
         log.info("file names differ from %s: a plant's own data, format checked only", checksums)
         return False
-    for row, e in zip(rows, entries):
+    for row, e in zip(rows, entries, strict=True):
         if row[2] != sums[row[0]]:
             raise StageError(f"{e.shown}: sha256 {row[2][:12]}... does not match the public NEU-CLS list "
                              f"{checksums}; the file is damaged or modified, get a clean copy")
@@ -342,6 +322,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> DownloadResult:
     """Run the stage and print a short summary."""
+    install_log_redaction()  # run_stage has set up logging: every line passes redact_url
     args = get_args_parser().parse_args(argv)
     cfg = load_config(args.params, args.overrides)
     result = download(cfg, args.raw_dir, cache_dir=args.cache_dir)

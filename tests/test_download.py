@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import hashlib
-import io
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import tarfile
-import threading
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from download_support import (
+    FAST,
+    FIXTURE,
+    KAGGLE,
+    assert_unchanged,
+    cfg,
+    copy_fixture,
+    isolate,
+    kaggle_zip,
+    publish_good,
+    serve,
+    snapshot,
+)
 from PIL import Image
 
 from neu_model import download as dl
@@ -25,114 +33,20 @@ from neu_model.cli import StageError
 from neu_model.config import DATA_SOURCE_ENV, PARAMS_FILE, ROOT, load_config
 from neu_model.files import sha256_file
 
-FIXTURE = ROOT / "tests" / "fixtures" / "NEU-tiny"
-FAST = (0.01, 0.01, 0.01)  # retry delays: keep the tests fast
-KAGGLE = {"Cr": "train/Crazing", "In": "valid/Inclusion", "Pa": "test/Patches",
-          "PS": "train/Pitted", "RS": "test/Rolled-in_scale", "Sc": "valid/Scratches"}
-PROXY_VARS = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
-
 
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
-    """Work in tmp_path, with no data-source override and no proxy for 127.0.0.1."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv(DATA_SOURCE_ENV, raising=False)
-    for var in PROXY_VARS:
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "*")
-
-
-@contextlib.contextmanager
-def serve(files, fail_first=None, cut_first=None):
-    """Serve ``files`` ({"/path": bytes}) on 127.0.0.1; unknown paths get 404.
-
-    ``fail_first[path] = n`` answers 500 to the first n requests of ``path``;
-    ``cut_first[path] = n`` sends only half the body (closing early) the first n times.
-    Yields the base URL and a Counter of requests per path.
-    """
-    fail_first, cut_first = dict(fail_first or {}), dict(cut_first or {})
-    hits = collections.Counter()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 (http.server's naming)
-            hits[self.path] += 1
-            if self.path not in files:
-                self.send_error(404)
-            elif hits[self.path] <= fail_first.get(self.path, 0):
-                self.send_error(500)
-            else:
-                body = files[self.path]
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                cut = hits[self.path] <= cut_first.get(self.path, 0)
-                self.wfile.write(body[: len(body) // 2] if cut else body)
-
-        def log_message(self, *args):  # keep pytest output clean
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}", hits
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
-
-
-def cfg(source, *extra):
-    return load_config(PARAMS_FILE, [f"data.source={source}", "data.expected_per_class=any", *extra])
+    isolate(tmp_path, monkeypatch)
 
 
 @pytest.fixture
 def tiny(tmp_path) -> Path:
-    """A writable copy of the 30-image fixture (5 per class)."""
-    dest = tmp_path / "src"
-    dest.mkdir()
-    for f in FIXTURE.iterdir():
-        shutil.copyfile(f, dest / f.name)
-    return dest
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return copy_fixture(tmp_path / "src")
 
 
 @pytest.fixture
 def published(tmp_path):
-    """A good data/raw published from a separate copy of the fixture; returns its snapshot."""
-    good = tmp_path / "good"
-    shutil.copytree(FIXTURE, good)
-    dl.download(cfg(good))
-    before = snapshot(Path("data/raw"))
-    assert len(before) == 31  # 30 images + manifest
-    return before
-
-
-def assert_unchanged(before):
-    assert snapshot(Path("data/raw")) == before
-    leftovers = [p.name for p in Path("data").iterdir() if p.name not in ("raw", "cache")]
-    assert leftovers == []  # no .raw-tmp-* or .raw.old left behind
-
-
-def kaggle_zip(src: Path, dest: Path) -> Path:
-    """Kaggle's layout inside a GitHub-style top folder, with the junk such archives carry."""
-    top = "repo-2a1e01d/NEU Metal Surface Defects Data"
-    with zipfile.ZipFile(dest, "w") as zf:
-        for f in sorted(src.iterdir()):
-            cls = f.name.split("_")[0]
-            # A non-canonical name: the class and number come from the folder and the digits.
-            name = "scan 5.bmp" if f.name == "RS_5.bmp" else f.name
-            zf.write(f, f"{top}/{KAGGLE[cls]}/{name}")
-        buf = io.BytesIO()
-        Image.new("RGB", (64, 48)).save(buf, "PNG")
-        zf.writestr("repo-2a1e01d/Model Loss.png", buf.getvalue())  # a plot: no class, skipped
-        zf.writestr("repo-2a1e01d/README.md", "readme")
-        zf.writestr(f"{top}/train/Crazing/.DS_Store", b"junk")
-        zf.writestr("__MACOSX/repo-2a1e01d/._Cr_1.bmp", b"junk")
-    return dest
+    return publish_good(tmp_path)
 
 
 def read_manifest() -> list[list[str]]:
@@ -365,7 +279,7 @@ def test_cli_bad_input_prints_one_error_line(tiny, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "neu_model.download", "--params", str(PARAMS_FILE),
          "--set", "data.expected_per_class=any"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

@@ -31,15 +31,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from neu_model.cli import default_tracking_uri  # noqa: E402
 from neu_model.config import add_config_args, load_config  # noqa: E402
-from neu_model.model import MODELS, build_model, count_macs, count_params, fuse_batchnorm  # noqa: E402
-from neu_model.train import memory_format  # noqa: E402
+from neu_model.inference import fuse_batchnorm, memory_format  # noqa: E402
+from neu_model.model import MODELS, build_model, count_macs, count_params  # noqa: E402
 
 
 def inference_speed(name: str, batch_size: int, repeats: int = 7, size: int = 200) -> float:
     """Median images/s of a freshly built model in eval mode (weights do not change the cost)."""
     torch.manual_seed(0)
-    # as predict.load_model + train.predict_logits run it: batch norms folded, channels-last
+    # as inference.load_torch_model + predict_logits run it: batch norms folded, channels-last
     cpu = torch.device("cpu")
     model = fuse_batchnorm(build_model(name).eval()).to(memory_format=memory_format(cpu))
     x = torch.rand(batch_size, 1, size, size).contiguous(memory_format=memory_format(cpu))
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("NEU_PROGRESS", "0")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="neu-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work.resolve() / 'mlflow.db'}")
+    os.environ.setdefault("MLFLOW_TRACKING_URI", default_tracking_uri(work))
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []

@@ -10,7 +10,6 @@ images, for a person to check.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -18,9 +17,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.report import scoring_markdown
-from neu_model.cli import disable_telemetry
-from neu_model.config import load_config
-from neu_model.predict import confidence_arg
+from neu_model.cli import add_review_arg, disable_telemetry, review_threshold, tracking_uri
 from neu_model.score import champion_uri
 from tasks.scoring import load_champion, score_images
 
@@ -51,9 +48,8 @@ def scoring_flow(inputs: list[str], out: str = "reports/scores.csv", model_name:
     uri = champion_uri(model_name, alias, root / "params.yaml")
     target = str(root / out) if not Path(out).is_absolute() else out
     # The registry the stages write to: MLFLOW_TRACKING_URI, else mlflow.db in the workspace.
-    store = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root}/mlflow.db"
-    if review_below is None:
-        review_below = load_config(root / "params.yaml").review.below_confidence
+    store = tracking_uri(root)
+    review_below = review_threshold(review_below, root / "params.yaml")
     summary = score_images(list(inputs), load_champion(uri, store), target, review_below)
     create_markdown_artifact(scoring_markdown(summary, uri, target), key=SUMMARY_KEY,
                              description="Batch scoring: images per class, images to review")
@@ -67,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="reports/scores.csv")
     parser.add_argument("--model-name")
     parser.add_argument("--alias", default="champion")
-    parser.add_argument("--review-below", type=confidence_arg, metavar="CONFIDENCE",
-                        help="flag predictions less confident than this (default: review.below_confidence)")
+    add_review_arg(parser)
     args = parser.parse_args(argv)
     state = scoring_flow([str(Path(p).resolve()) for p in args.inputs], args.out, args.model_name, args.alias,
                          review_below=args.review_below, return_state=True)

@@ -1,13 +1,16 @@
-"""What every ``python -m neu_model.<stage>`` shares: one-line errors and quiet telemetry."""
+"""What every ``python -m neu_model.<stage>`` shares: one-line errors, quiet telemetry, the
+default MLflow store and the ``--review-below`` option."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
-from neu_model.config import ConfigError
+from neu_model.config import PARAMS_FILE, ROOT, ConfigError, load_config
 
 # Plants are often air-gapped: none of the tools may phone home.
 TELEMETRY_OFF = {
@@ -15,6 +18,9 @@ TELEMETRY_OFF = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
 }
+
+
+MLFLOW_DB = "mlflow.db"  # the default store: this SQLite file at the root of the checkout
 
 
 class StageError(Exception):
@@ -40,3 +46,36 @@ def run_stage(main: Callable[[Sequence[str] | None], object], argv: Sequence[str
         print("interrupted: the last complete outputs are kept", file=sys.stderr)
         return 130
     return 0
+
+
+def default_tracking_uri(root: Path = ROOT) -> str:
+    """The MLflow store of a checkout when ``MLFLOW_TRACKING_URI`` is unset: ``mlflow.db`` at ``root``
+    (as the Makefile exports it)."""
+    return f"sqlite:///{Path(root).resolve() / MLFLOW_DB}"
+
+
+def tracking_uri(root: Path = ROOT) -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else the SQLite file at ``root``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+
+
+def confidence_arg(text: str) -> float:
+    """``argparse`` type of ``--review-below``: a number in [0, 1], else a one-line usage error."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a confidence in [0, 1] (0 flags nothing, 1 everything)")
+    return value
+
+
+def add_review_arg(parser: argparse.ArgumentParser) -> None:
+    """Add ``--review-below CONFIDENCE`` (default None: see ``review_threshold``)."""
+    parser.add_argument("--review-below", type=confidence_arg, metavar="CONFIDENCE",
+                        help="flag predictions less confident than this (default: review.below_confidence)")
+
+
+def review_threshold(review_below: float | None, params: Path = PARAMS_FILE) -> float:
+    """``review_below`` when given, else ``review.below_confidence`` of ``params``."""
+    return load_config(params).review.below_confidence if review_below is None else review_below

@@ -13,26 +13,26 @@ review figures (``reports/robustness.csv``).
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 import torch
 from torch import nn
 
-from neu_model import corruptions, tracking
+from neu_model import corruptions, provenance, tracking
 from neu_model.cli import run_stage
 from neu_model.config import CLASSES, Config, add_config_args, load_config
 from neu_model.data import SPLIT_FILE, ImageSet, load_split, to_float
 from neu_model.figures import confusion_figure, gallery_figure
-from neu_model.files import write_json, write_text
+from neu_model.files import write_csv, write_json
+from neu_model.inference import MODEL_FILE, load_torch_model, predict_logits, select_device
 from neu_model.metrics import classification_metrics, review_curve, review_metrics
-from neu_model.predict import load_model, predictions_frame
-from neu_model.train import MODEL_FILE, predict_logits, select_device
+from neu_model.predict import predictions_frame
+from neu_model.register import test_split_id
 
 log = logging.getLogger("neu_model.evaluate")
 
@@ -62,10 +62,32 @@ def robustness(model: nn.Module, data: ImageSet, device: torch.device, batch_siz
     return pd.DataFrame(rows, columns=ROBUSTNESS_COLUMNS)
 
 
-def _csv(frame: pd.DataFrame, path: Path) -> None:
-    buf = io.StringIO()
-    frame.to_csv(buf, index=False)
-    write_text(path, buf.getvalue())
+def log_evaluation(run: tracking.Run | None, metrics: Mapping[str, Any], reports: Path, split_file: Path) -> None:
+    """Log test metrics, per-class table and evaluation figures into the training run.
+
+    The run is tagged with the test split's id, which the register stage checks before it
+    trusts ``metrics.json``.
+    """
+    if run is None:
+        return
+    values = {f"test_{k}": metrics[k] for k in ("accuracy", "macro_f1", "errors", "in_ps_errors")}
+    values["inference_images_per_second"] = metrics["inference_images_per_second"]
+    for code, row in metrics["per_class"].items():
+        values |= {f"test_{k}_{code}": row[k] for k in ("precision", "recall", "f1")}
+    values |= {f"robustness_{k}": v for k, v in metrics.get("robustness", {}).items()}
+    values |= {f"review_{k}": v for k, v in metrics.get("review", {}).items()}
+    run.log_metrics(values)
+    table = pd.DataFrame([{"class": c} | row for c, row in metrics["per_class"].items()])
+    # log_dict, not log_table: log_table appends to an existing file, so re-evaluating the same
+    # run (evaluate's code changed, training did not) would duplicate every row.
+    run.client.log_dict(run.run_id, {"columns": list(table.columns), "data": table.values.tolist()},
+                        "evaluation/per_class.json")
+    split_id = test_split_id(split_file, run.record.get("dataset_version", provenance.UNKNOWN))
+    run.set_tags({"test_split_id": split_id, "n_test": metrics["n_test"]})
+    for name in ("confusion.png", "misclassified.png"):
+        run.log_artifact(reports / name, "figures")
+    for name in ("metrics.json", "robustness.csv", "predictions.csv", "review_curve.csv"):
+        run.log_artifact(reports / name, "evaluation")
 
 
 def evaluate(cfg: Config, model_file: Path = MODEL_FILE, split_file: Path = SPLIT_FILE,
@@ -73,7 +95,7 @@ def evaluate(cfg: Config, model_file: Path = MODEL_FILE, split_file: Path = SPLI
     """Evaluate on the test part and write every report; returns the metrics dict."""
     run = tracking.open_run(reports / tracking.RUN_FILE.name, model_file)  # checks the store before any work
     device = select_device(cfg.train.device)
-    model, meta = load_model(model_file, device)
+    model, meta = load_torch_model(model_file, device)
     test = load_split("test", split_file, **({"image_dir": image_dir} if image_dir else {}))
     start = time.perf_counter()
     probs = predict_logits(model, test.images, device, cfg.evaluate.batch_size).softmax(1)
@@ -86,8 +108,8 @@ def evaluate(cfg: Config, model_file: Path = MODEL_FILE, split_file: Path = SPLI
 
     frame = predictions_frame(test.files, probs, cfg.review.below_confidence)
     frame.insert(1, "label", [CLASSES[i] for i in test.labels.tolist()])
-    _csv(frame, reports / "predictions.csv")
-    _csv(pd.DataFrame(review_curve(test.labels, probs, CURVE_THRESHOLDS)), reports / "review_curve.csv")
+    write_csv(frame, reports / "predictions.csv")
+    write_csv(pd.DataFrame(review_curve(test.labels, probs, CURVE_THRESHOLDS)), reports / "review_curve.csv")
     write_json(reports / "confusion.json",
                [{"actual": a, "predicted": p} for a, p in zip(frame["label"], frame["predicted"])])
     confusion_figure(metrics["confusion_matrix"], reports / "confusion.png",
@@ -100,7 +122,7 @@ def evaluate(cfg: Config, model_file: Path = MODEL_FILE, split_file: Path = SPLI
     # Written either way: dvc.yaml declares the file, so a run without the suite leaves it empty.
     table = (robustness(model, test, device, cfg.evaluate.batch_size, cfg.review.below_confidence)
              if cfg.evaluate.robustness else pd.DataFrame(columns=ROBUSTNESS_COLUMNS))
-    _csv(table, reports / "robustness.csv")
+    write_csv(table, reports / "robustness.csv")
     if cfg.evaluate.robustness:
         metrics["robustness"] = {"mean_accuracy": round(table["accuracy"].mean(), 6)} | {
             name: round(group["accuracy"].mean(), 6) for name, group in table.groupby("corruption", sort=False)}
@@ -108,7 +130,7 @@ def evaluate(cfg: Config, model_file: Path = MODEL_FILE, split_file: Path = SPLI
         metrics["review"] |= {"suite_flagged_share": round(table["flagged_share"].mean(), 6),
                               "suite_accepted_error_rate": round(table["accepted_errors"].sum() / n_images, 6)}
     write_json(reports / "metrics.json", metrics)
-    tracking.log_evaluation(run, metrics, reports, split_file)
+    log_evaluation(run, metrics, reports, split_file)
     return metrics
 
 

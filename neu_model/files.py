@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:  # pandas is not imported here: the stages that write no table need not load it
+    import pandas as pd
 
 
 @contextlib.contextmanager
@@ -48,6 +52,13 @@ def write_text(path: Path | str, text: str) -> None:
 def write_json(path: Path | str, data: Any) -> None:
     """Atomically write ``data`` as indented JSON."""
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_csv(frame: pd.DataFrame, path: Path | str) -> None:
+    """Atomically write ``frame`` as CSV, without its index."""
+    buf = io.StringIO()
+    frame.to_csv(buf, index=False)
+    write_text(path, buf.getvalue())
 
 
 def torch_save(obj: Any, path: Path | str) -> None:

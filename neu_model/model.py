@@ -255,12 +255,11 @@ def fuse_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_model(name: str) -> nn.Module:
-    """Instantiate a registered model by name."""
-    try:
-        return MODELS[name]()
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}") from None
+def build_model(name: str, **kwargs) -> nn.Module:
+    """Instantiate a registered model by name; ``kwargs`` go to its constructor."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    return MODELS[name](**kwargs)
 
 
 def count_macs(model: nn.Module, image_size: int = 200) -> int:

@@ -8,7 +8,6 @@ alone decides what changed (an unchanged stage is skipped in about a second).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -22,7 +21,8 @@ from typing import Callable, Sequence
 
 import yaml
 
-from neu_model.cli import TELEMETRY_OFF
+from neu_model import provenance
+from neu_model.cli import TELEMETRY_OFF, StageError, default_tracking_uri
 from neu_model.config import DATA_SOURCE_ENV, ConfigError, apply_overrides, from_dict
 
 STAGES = ("source", "download", "split", "train", "evaluate", "register")
@@ -32,7 +32,8 @@ SOURCE_RECORD = Path("data/source.json")
 # .dvc/tmp is per-workspace scratch that git ignores, like the rest of DVC's run state.
 PARAMS_RECORD = Path(".dvc/tmp/flow-params.json")
 
-# Messages of exit-2 failures that are not about the input (neu_model.tracking.connect).
+# Messages of bad-input failures (exit 2) that are not about the input: an MLflow store that
+# does not answer (neu_model.tracking.connect) may answer a minute later.
 TRANSIENT_MARKERS = ("does not answer",)
 
 # DVC's advice after each stage (git add ..., dvc push ...): noise in a flow's log.
@@ -53,11 +54,17 @@ class StageFailed(RuntimeError):
         how = "timed out" if exit_code is None else f"exited with {exit_code}"
         super().__init__(f"stage '{stage}' failed ({how}):\n{lines}")
 
-    @property
-    def transient(self) -> bool:
-        """Whether a retry may help: anything but a stage's own "bad input" exit 2, except an
-        unreachable MLflow store, which the stages also report with exit 2."""
-        return self.exit_code != 2 or any(m in str(self) for m in TRANSIENT_MARKERS)
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a second attempt may succeed where ``exc`` was raised.
+
+    Bad input fails the same way again: a stage's own exit 2, or a StageError or ConfigError
+    raised in this process (an unknown registry alias, an unreadable image). An unreachable
+    MLflow store is reported the same way but may pass. Anything else (a crash, a timeout, a
+    registry server hiccup) may pass too.
+    """
+    bad_input = exc.exit_code == 2 if isinstance(exc, StageFailed) else isinstance(exc, (StageError, ConfigError))
+    return not bad_input or any(m in str(exc) for m in TRANSIENT_MARKERS)
 
 
 def stage_env(project: Path, data_source: str | None = None) -> dict[str, str]:
@@ -68,7 +75,7 @@ def stage_env(project: Path, data_source: str | None = None) -> dict[str, str]:
     """
     env = dict(os.environ) | TELEMETRY_OFF | {"NEU_PROGRESS": "0", "PYTHONUNBUFFERED": "1"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path(project).resolve()}/mlflow.db")  # as the Makefile
+    env.setdefault("MLFLOW_TRACKING_URI", default_tracking_uri(project))  # as the Makefile
     if data_source:
         env[DATA_SOURCE_ENV] = data_source
     return env
@@ -234,10 +241,8 @@ def run_summary(project: Path) -> dict:
         give empty dicts.
     """
     project = Path(project)
-    manifest = project / "data" / "raw" / "manifest.csv"
-    version = hashlib.sha256(manifest.read_bytes()).hexdigest()[:12] if manifest.exists() else "unknown"
     return {
-        "dataset_version": version,
+        "dataset_version": provenance.dataset_version(project / "data" / "raw" / "manifest.csv"),
         "data_source": _read_json(project / SOURCE_RECORD).get("source", "unknown"),
         "metrics": _read_json(project / "reports" / "metrics.json"),
         "train": _read_json(project / "reports" / "train_metrics.json"),
@@ -262,5 +267,5 @@ def mlflow_run_link(run: dict, ui: str) -> str | None:
     return f"{ui.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
 
 
-__all__ = ["STAGES", "SOURCE_RECORD", "StageFailed", "ConfigError", "stage_env", "run_logged", "repro",
-           "repro_source", "apply_params", "run_summary", "mlflow_run_link"]
+__all__ = ["STAGES", "SOURCE_RECORD", "StageFailed", "ConfigError", "is_transient", "stage_env", "run_logged",
+           "repro", "repro_source", "apply_params", "run_summary", "mlflow_run_link"]

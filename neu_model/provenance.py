@@ -1,4 +1,4 @@
-"""Where a model came from: git commit, dataset version, device."""
+"""Where a model came from: git commit and dataset version."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import subprocess
 from pathlib import Path
 
 from neu_model.config import ROOT
-from neu_model.data import MANIFEST
+
+UNKNOWN = "unknown"
 
 
 def _git(*args: str) -> str | None:
@@ -20,7 +21,7 @@ def _git(*args: str) -> str | None:
 
 def git_sha() -> str:
     """The commit the code was run from, or ``unknown`` outside a git checkout."""
-    return _git("rev-parse", "HEAD") or "unknown"
+    return _git("rev-parse", "HEAD") or UNKNOWN
 
 
 def git_dirty() -> bool:
@@ -29,11 +30,14 @@ def git_dirty() -> bool:
     return bool(status)
 
 
-def dataset_version(manifest: Path = MANIFEST) -> str:
-    """The dataset version: the first 12 hex digits of the manifest's sha256."""
-    return hashlib.sha256(Path(manifest).read_bytes()).hexdigest()[:12]
+def dataset_version(manifest: Path) -> str:
+    """The dataset version: the first 12 hex digits of the manifest's sha256; ``unknown`` without one.
 
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes, for resume keys and lineage."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    Args:
+        manifest: the download stage's ``manifest.csv`` (``neu_model.data.MANIFEST`` in the
+            repository).
+    """
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        return UNKNOWN
+    return hashlib.sha256(manifest.read_bytes()).hexdigest()[:12]

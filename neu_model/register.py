@@ -16,27 +16,36 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import logging
 import sys
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
 from neu_model import provenance, tracking
 from neu_model.cli import StageError, run_stage
 from neu_model.config import Config, add_config_args, load_config
-from neu_model.data import IMAGE_DIR, SPLIT_FILE, load_split, to_float
+from neu_model.data import IMAGE_DIR, SPLIT_FILE, load_split, read_split
 from neu_model.files import write_json
+from neu_model.inference import MODEL_FILE, predict_batched, pyfunc_probabilities
+from neu_model.lineage import read_dvc
+from neu_model.mlflow_model import CONTRACT
 
 log = logging.getLogger("neu_model.register")
 
-MODEL_FILE = Path("models/model.pt")
 METRICS_FILE = Path("reports/metrics.json")
 REGISTRATION_FILE = Path("reports/registration.json")
 CHAMPION, CHALLENGER = "champion", "challenger"
 EPS = 1e-9  # accuracies are rounded to 6 digits; "at least" must not fail on float noise
+
+
+def test_split_id(split_file: Path, dataset_version: str) -> str:
+    """Names "the same test split of the same dataset version": accuracies compare only within one id."""
+    rows = read_split(split_file)
+    rows = rows[rows["split"] == "test"].sort_values("file")
+    text = dataset_version + "\n" + "\n".join(rows["file"] + "," + rows["label"])
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def decide(accuracy: float, floor: float, min_improvement: float,
@@ -71,7 +80,7 @@ def _ensure_registered_model(client, name: str) -> None:
         client.get_registered_model(name)
     except MlflowException:
         try:
-            client.create_registered_model(name, description=tracking.CONTRACT)
+            client.create_registered_model(name, description=CONTRACT)
         except MlflowException:
             client.get_registered_model(name)  # created meanwhile by another process; else raise
 
@@ -89,9 +98,8 @@ def evaluate_version(name: str, version: str, split_file: Path, image_dir: Path,
     test = load_split("test", split_file, image_dir)
     if not len(test):
         raise StageError(f"{split_file}: no test images to re-evaluate the champion on")
-    probs = np.concatenate([model.predict(to_float(test.images[i: i + batch_size]).numpy())
-                            for i in range(0, len(test), batch_size)])
-    return round(float((probs.argmax(1) == test.labels.numpy()).mean()), 6)
+    probs = predict_batched(lambda images: pyfunc_probabilities(model, images), test.images, batch_size)
+    return round(float((probs.argmax(1) == test.labels).double().mean()), 6)
 
 
 def champion_accuracy(client, name: str, champion, split_id: str, split_file: Path,
@@ -122,7 +130,7 @@ def register(cfg: Config, run_file: Path = tracking.RUN_FILE, metrics_file: Path
     if not Path(metrics_file).is_file():
         raise StageError(f"{metrics_file}: not found; run the evaluate stage first")
     metrics = json.loads(Path(metrics_file).read_text())
-    split_id = tracking.test_split_id(split_file, run.record["dataset_version"])
+    split_id = test_split_id(split_file, run.record["dataset_version"])
     logged = run.client.get_run(run.run_id).data
     if logged.tags.get("test_split_id") != split_id or logged.metrics.get("test_accuracy") != metrics["accuracy"]:
         raise StageError(f"{metrics_file} is not the evaluation logged in MLflow run {run.run_id} on the test "
@@ -138,7 +146,7 @@ def register(cfg: Config, run_file: Path = tracking.RUN_FILE, metrics_file: Path
                 "model": run.record.get("model", ""), "git_sha": provenance.git_sha()}
         version = client.create_model_version(name, run.record["model_uri"], run_id=run.run_id,
                                               tags={k: str(v) for k, v in tags.items()},
-                                              model_id=run.record.get("model_id"), description=tracking.CONTRACT)
+                                              model_id=run.record.get("model_id"), description=CONTRACT)
         log.info("registered %s version %s from run %s", name, version.version, run.run_id)
     v = str(version.version)  # MLflow returns ints here and strings elsewhere
     client.set_registered_model_alias(name, CHALLENGER, v)
@@ -165,7 +173,7 @@ def register(cfg: Config, run_file: Path = tracking.RUN_FILE, metrics_file: Path
         for key, value in gate.items():
             client.set_model_version_tag(name, v, key, str(value))
         client.update_model_version(name, v, description=f"Gate: {headline}\n"
-                                    + "".join(f"- {r}\n" for r in reasons) + "\n" + tracking.CONTRACT)
+                                    + "".join(f"- {r}\n" for r in reasons) + "\n" + CONTRACT)
         if promote:
             client.set_registered_model_alias(name, CHAMPION, v)
     tags = client.get_model_version(name, v).tags
@@ -180,7 +188,7 @@ def register(cfg: Config, run_file: Path = tracking.RUN_FILE, metrics_file: Path
               "champion_before": before, "champion": str(after.version) if after else None,
               "model_uri": f"models:/{name}@{CHAMPION}"}
     run.set_tags({"registry.model": name, "registry.version": v, "registry.decision": verdict}
-                 | tracking.read_dvc(stages=("train", "evaluate")))
+                 | read_dvc(stages=("train", "evaluate")))
     write_json(out_file, result)
     log.info("%s v%s: %s (%s); champion: %s", name, v, verdict, "; ".join(reasons), result["champion"])
     return result
@@ -210,9 +218,11 @@ def listing(client, name: str) -> dict:
     tags = {str(m.version): m.tags for m in versions}
     history = sorted(({"at": t["promotion.at"], "version": v, "replaced": t.get("promotion.replaced") or None,
                        "test_accuracy": t.get("test_accuracy"),
-                       "replaced_accuracy": tags.get(t.get("promotion.replaced"), {}).get(f"accuracy_on.{t.get('test_split_id')}")}
+                       "replaced_accuracy": tags.get(t.get("promotion.replaced"), {})
+                       .get(f"accuracy_on.{t.get('test_split_id')}")}
                       for v, t in tags.items() if "promotion.at" in t), key=lambda h: (h["at"], int(h["version"])))
-    return {"model_name": name, "aliases": {a: str(x) for a, x in aliases.items()}, "versions": rows, "history": history}
+    return {"model_name": name, "aliases": {a: str(x) for a, x in aliases.items()}, "versions": rows,
+            "history": history}
 
 
 def _ms(stamp: int | None) -> str:
@@ -223,10 +233,12 @@ def format_listing(data: dict) -> str:
     """The listing as plain text for a terminal."""
     lines = [f"registered model {data['model_name']}  aliases: "
              + ", ".join(f"{a}=v{v}" for a, v in sorted(data["aliases"].items())), "",
-             f"{'ver':>4}  {'aliases':<20} {'model':<10} {'accuracy':>8}  {'dataset':<12} {'split':<12} {'decision':<9} run"]
+             f"{'ver':>4}  {'aliases':<20} {'model':<10} {'accuracy':>8}  {'dataset':<12} {'split':<12} "
+             f"{'decision':<9} run"]
     for r in data["versions"]:
         lines.append(f"{r['version']:>4}  {','.join(r['aliases']) or '-':<20} {r['model'] or '?':<10} "
-                     f"{r['test_accuracy'] or '?':>8}  {r['dataset_version'] or '?':<12} {r['test_split_id'] or '?':<12} "
+                     f"{r['test_accuracy'] or '?':>8}  {r['dataset_version'] or '?':<12} "
+                     f"{r['test_split_id'] or '?':<12} "
                      f"{r['decision'] or '-':<9} {r['run_id']}")
     lines += ["", "promotion history:"]
     for h in data["history"]:

@@ -10,27 +10,21 @@ in [0, 1] in, class probabilities (N, 6) in CLASSES order out.
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Sequence
 
-import numpy as np
 import pandas as pd
-import torch
 
-from neu_model.cli import StageError, run_stage
+from neu_model.cli import StageError, add_review_arg, review_threshold, run_stage, tracking_uri
 from neu_model.config import CLASSES, PARAMS_FILE, load_config
 from neu_model.download import extract
-from neu_model.files import write_text
-from neu_model.predict import confidence_arg, find_images, load_for_model, predictions_frame
+from neu_model.files import write_csv
+from neu_model.inference import Predictor, predict_batched, pyfunc_probabilities
+from neu_model.predict import find_images, load_for_model, predictions_frame
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
-
-
-class Predictor(Protocol):
-    def predict(self, data: np.ndarray) -> Any: ...
 
 
 def champion_uri(model_name: str | None = None, alias: str = "champion", params: Path = PARAMS_FILE) -> str:
@@ -38,20 +32,19 @@ def champion_uri(model_name: str | None = None, alias: str = "champion", params:
     return f"models:/{model_name or load_config(params).register.model_name}@{alias}"
 
 
-def load_model(uri: str, tracking_uri: str | None = None) -> Predictor:
+def load_pyfunc_model(uri: str, store: str | None = None) -> Predictor:
     """Load a pyfunc model from the MLflow registry (or any MLflow model URI).
 
-    ``tracking_uri``: the store holding the registry; default MLFLOW_TRACKING_URI, else the
-    repository's mlflow.db (as the stages use it).
+    Args:
+        store: the tracking URI of the store holding the registry; default MLFLOW_TRACKING_URI,
+            else the repository's mlflow.db (as the stages use it).
     """
     import mlflow
-
-    from neu_model.tracking import tracking_uri as default_uri
 
     # models:/ URIs resolve through MLflow's process-global store; point it at ours for this
     # load only, so a caller in the same process (a flow, a test) keeps the store it had.
     previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri or default_uri())
+    mlflow.set_tracking_uri(store or tracking_uri())
     try:
         return mlflow.pyfunc.load_model(uri)
     except mlflow.exceptions.MlflowException as exc:
@@ -90,16 +83,10 @@ def score(inputs: Sequence[Path], model: Predictor, review_below: float, batch_s
                 found = find_images([path])
                 shown += [str(f) for f in found]
             files += found
-        chunks = []
-        # Batches bound the float32 copy: 1,800 images at once would be 290 MB.
-        for start in range(0, len(files), batch_size):
-            batch = load_for_model(files[start:start + batch_size], size).float().div_(255).numpy()
-            probs = np.asarray(model.predict(batch), dtype=np.float32)
-            if probs.shape != (len(batch), len(CLASSES)):
-                raise StageError(f"the model returned shape {probs.shape}, expected ({len(batch)}, {len(CLASSES)}) "
-                                 f"probabilities in class order {', '.join(CLASSES)}")
-            chunks.append(torch.from_numpy(probs))
-    return predictions_frame(shown, torch.cat(chunks), review_below)
+        # Decoded batch by batch too: a large batch of files need not fit in memory at once.
+        probs = predict_batched(lambda chunk: pyfunc_probabilities(model, load_for_model(chunk, size)),
+                                files, batch_size)
+    return predictions_frame(shown, probs, review_below)
 
 
 def summarize(frame: pd.DataFrame, n_least: int = 10) -> dict:
@@ -111,28 +98,19 @@ def summarize(frame: pd.DataFrame, n_least: int = 10) -> dict:
             "needs_review": int(frame["needs_review"].sum()), "least_confident": least.to_dict("records")}
 
 
-def write_csv(frame: pd.DataFrame, out: Path) -> None:
-    """Write the predictions CSV atomically."""
-    buf = io.StringIO()
-    frame.to_csv(buf, index=False)
-    write_text(out, buf.getvalue())
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", type=Path, help="image files, folders, .zip or .tar(.gz) archives")
     parser.add_argument("--out", type=Path, default=Path("reports/scores.csv"))
     parser.add_argument("--model-uri", help="default: models:/<register.model_name>@champion")
-    parser.add_argument("--review-below", type=confidence_arg, metavar="CONFIDENCE",
-                        help="flag predictions less confident than this (default: review.below_confidence)")
+    add_review_arg(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
-    review_below = load_config().review.below_confidence if args.review_below is None else args.review_below
     uri = args.model_uri or champion_uri()
-    frame = score(args.inputs, load_model(uri), review_below)
+    frame = score(args.inputs, load_pyfunc_model(uri), review_threshold(args.review_below))
     write_csv(frame, args.out)
     print(f"wrote {len(frame)} predictions by {uri} to {args.out}; {int(frame['needs_review'].sum())} need review",
           file=sys.stderr)

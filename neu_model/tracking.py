@@ -1,9 +1,10 @@
-"""MLflow plumbing for the stages: the store, the run of one pipeline pass, the logged model.
+"""MLflow runs of the stages: the store, the run of one pipeline pass, its params, tags and data.
 
 Store: ``MLFLOW_TRACKING_URI``, else ``sqlite:///<repo root>/mlflow.db``. The artifacts of a SQLite
 store live in ``mlruns/`` beside the database, so ``mlflow ui`` started in the repository root
 shows everything. One pipeline pass is one run: ``train`` creates it and writes its id to
-``reports/run.json``; ``evaluate`` and ``register`` log into the run named there.
+``reports/run.json``; ``evaluate`` and ``register`` log into the run named there. The logged
+model is ``neu_model.mlflow_model``'s, the ``dvc.lock`` tags ``neu_model.lineage``'s.
 
 Everything goes through ``MlflowClient`` with explicit run ids rather than the fluent API, which
 keeps a global active run and is not thread-safe (a Prefect flow may run stages in threads).
@@ -16,47 +17,67 @@ import hashlib
 import json
 import logging
 import math
-import os
 import signal
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-import numpy as np
-import pandas as pd
 import torch
-from torch import nn
 
-from neu_model import provenance
-from neu_model.cli import StageError
-from neu_model.config import CLASSES, ROOT, Config
-from neu_model.data import read_split
+from neu_model import mlflow_model, provenance
+from neu_model.cli import StageError, tracking_uri
+from neu_model.config import ROOT, Config
 from neu_model.files import sha256_file, write_json
+from neu_model.lineage import read_dvc, split_inputs
 
 log = logging.getLogger("neu_model.tracking")
 
 RUN_FILE = Path("reports/run.json")
-DEFAULT_DB = ROOT / "mlflow.db"
-MODEL_ARTIFACT = "model"
 RUN_KEY_TAG = "neu.run_key"
-DVC_DATA_SUFFIXES = (".py", ".sha256")  # code deps: the git SHA tag already pins them
-# What a plain MLflow client gets: the contract of the logged model (README: docs/mlflow.md).
-CONTRACT = (f"input: float32 array (N, 1, H, W), grayscale pixels scaled to [0, 1]; output: float32 class "
-            f"probabilities (N, {len(CLASSES)}) in the order {', '.join(CLASSES)}; normalisation is inside the model")
-
-
-def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` when set, else the SQLite file at the repository root."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB}"
 
 
 def _sqlite_file(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def _local_store(uri: str) -> Path | None:
+    """The path of a local store (a SQLite file, a ``file:`` URI, a plain path); None for a server."""
+    db = _sqlite_file(uri)
+    if db is not None:
+        return db
+    parts = urllib.parse.urlsplit(uri)
+    return Path(parts.path) if parts.scheme in ("", "file") else None
+
+
+def portable_uri(uri: str, root: Path = ROOT) -> str | None:
+    """``uri`` in a form that means the same store on another machine, for ``reports/run.json``.
+
+    A local store inside ``root`` becomes relative to it (``sqlite:///mlflow.db``: the stages run
+    from the repository root); a server URL is kept, without the password if it has one.
+
+    Returns:
+        The portable URI, or None for a local store outside ``root``: its path names nothing
+        on another machine.
+    """
+    local = _local_store(uri)
+    if local is None:
+        parts = urllib.parse.urlsplit(uri)
+        if parts.password is None:
+            return uri
+        netloc = f"{parts.username}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        return parts._replace(netloc=netloc).geturl()
+    if not local.is_absolute():
+        return uri
+    try:
+        relative = local.resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return None
+    return f"sqlite:///{relative}" if _sqlite_file(uri) is not None else relative
 
 
 def artifact_location(uri: str) -> str | None:
@@ -127,56 +148,6 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def read_dvc(stages: tuple[str, ...] = (), inputs_of: str | None = None, root: Path = Path(".")) -> dict[str, str]:
-    """Hashes ``dvc.lock`` records: the deps and outs of ``stages``, or the data inputs of ``inputs_of``.
-
-    ``inputs_of`` looks up each data dep of that stage among the outs of the other stages, since
-    its own entry is the previous run's until DVC finishes it. Missing files give ``{}``.
-    """
-    import yaml
-
-    try:
-        lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
-        spec = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
-    except (OSError, KeyError, TypeError, yaml.YAMLError):
-        return {}
-    out: dict[str, str] = {}
-    for stage in stages:
-        for kind in ("deps", "outs"):
-            for item in lock.get(stage, {}).get(kind, []):
-                if not item["path"].endswith(DVC_DATA_SUFFIXES):
-                    out[f"dvc.{stage}.{kind}.{item['path']}"] = item.get("md5", "")
-    if inputs_of:
-        produced = {o["path"]: o.get("md5", "") for name, s in lock.items() if name != inputs_of for o in s.get("outs", [])}
-        for dep in spec.get(inputs_of, {}).get("deps", []):
-            for path, md5 in produced.items():
-                if dep == path or dep.startswith(path + "/"):
-                    out[f"dvc.input.{dep}"] = md5 if dep == path else f"{md5} ({path})"
-    return out
-
-
-class ProbabilityModel(nn.Module):
-    """The trained network followed by softmax: what the registry serves (probabilities, not logits)."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).softmax(dim=1)
-
-
-def model_signature(image_size: int):
-    """Tensor signature of the logged model. The input tensor is unnamed so that a bare ndarray is accepted."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, image_size, image_size))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(CLASSES)), f"probabilities[{','.join(CLASSES)}]")]),
-    )
-
-
 @dataclass
 class Run:
     """One MLflow run, addressed by id through a client."""
@@ -216,45 +187,6 @@ class TrainRun(Run):
         """Per-epoch curves, with ``step`` = epoch number."""
         self.log_metrics({k: v for k, v in row.items() if k != "epoch" and not math.isnan(v)}, step=int(row["epoch"]))
 
-    def log_dataset(self, split_file: Path, manifest: Path, dataset_version: str) -> None:
-        """The split, with each file's sha256, as one MLflow dataset input per part (context train/val/test)."""
-        import mlflow.data
-        from mlflow.entities import DatasetInput, InputTag
-
-        table = pd.read_csv(split_file, dtype=str)
-        if Path(manifest).exists():
-            table = table.merge(pd.read_csv(manifest, dtype=str)[["file", "sha256"]], on="file", how="left")
-        inputs = []
-        for part in ("train", "val", "test"):
-            rows = table[table["split"] == part].reset_index(drop=True).astype(object)
-            # Own digest over every row: MLflow's samples rows and fails on pandas' arrow strings.
-            digest = hashlib.sha256(rows.to_csv(index=False).encode()).hexdigest()[:12]
-            with warnings.catch_warnings():  # MLflow registers the local-file source twice and says so
-                warnings.simplefilter("ignore", UserWarning)
-                ds = mlflow.data.from_pandas(rows, source=str(Path(split_file).resolve()), targets="label",
-                                             name=f"NEU-CLS-{part}", digest=digest)
-            tags = [InputTag("mlflow.data.context", part), InputTag("dataset_version", dataset_version)]
-            inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=tags))
-        self.client.log_inputs(self.run_id, datasets=inputs)
-
-    def log_model(self, model_file: Path, image_size: int):
-        """Log ``model_file`` (best weights) as a pt2 pyfunc model returning probabilities."""
-        import mlflow
-        import mlflow.pytorch
-
-        from neu_model.predict import load_model  # here: predict imports train, which imports this module
-
-        net, meta = load_model(model_file, "cpu")
-        example = np.random.default_rng(0).random((2, 1, image_size, image_size), dtype=np.float32)  # batch 2: keeps N dynamic
-        logged = self.client.create_logged_model(self.experiment_id, MODEL_ARTIFACT, self.run_id,
-                                                 tags={"model": meta["model_name"]}, model_type="image-classifier")
-        return mlflow.pytorch.log_model(
-            ProbabilityModel(net).eval(), name=MODEL_ARTIFACT, model_id=logged.model_id, run_id=self.run_id,
-            signature=model_signature(image_size), input_example=example,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
-                              f"numpy=={np.__version__}"],
-            metadata={"classes": list(CLASSES), "contract": CONTRACT, "architecture": meta["model_name"]})
-
     def finish(self, cfg: Config, summary: Mapping[str, Any], model_file: Path, files: list[Path],
                run_file: Path, dataset_version: str) -> dict:
         """Log the summary, report files and model; then write ``run_file`` for the later stages."""
@@ -262,10 +194,12 @@ class TrainRun(Run):
                           if isinstance(v, (int, float)) and not isinstance(v, bool)})
         for path in files:
             self.log_artifact(path, "figures" if Path(path).suffix == ".png" else "reports")
-        info = self.log_model(model_file, cfg.data.image_size)
+        info = mlflow_model.log_model(self.client, self.experiment_id, self.run_id, model_file, cfg.data.image_size)
+        # The store as another machine would name it: run.json is committed with the reports.
         record = {"run_id": self.run_id, "experiment_id": self.experiment_id, "experiment": cfg.mlflow.experiment,
-                  "tracking_uri": self.client.tracking_uri, "model_uri": info.model_uri, "model_id": info.model_id,
-                  "model_sha256": sha256_file(model_file), "model": cfg.train.model, "dataset_version": dataset_version}
+                  "tracking_uri": portable_uri(self.client.tracking_uri), "model_uri": info.model_uri,
+                  "model_id": info.model_id, "model_sha256": sha256_file(model_file), "model": cfg.train.model,
+                  "dataset_version": dataset_version}
         self.set_tags({"model_uri": info.model_uri})
         write_json(run_file, record)
         return record
@@ -292,7 +226,7 @@ def train_run(cfg: Config, *, key: str, device: torch.device, split_file: Path, 
     exp_id = experiment_id(client, cfg.mlflow.experiment)
     key = hashlib.sha256(key.encode()).hexdigest()[:16]
     run_id = _unfinished_run(client, exp_id, key) if resume else None
-    version = provenance.dataset_version(manifest) if Path(manifest).exists() else "unknown"
+    version = provenance.dataset_version(manifest)
     if run_id:
         client.update_run(run_id, status="RUNNING")
         run = TrainRun(client, run_id, exp_id)
@@ -309,7 +243,7 @@ def train_run(cfg: Config, *, key: str, device: torch.device, split_file: Path, 
         run.set_tags({"git_sha": sha, "mlflow.source.git.commit": sha, "git_dirty": provenance.git_dirty(),
                       "dataset_version": version, "device": str(device), "torch_version": torch.__version__,
                       "model": cfg.train.model, RUN_KEY_TAG: key} | read_dvc(inputs_of="train"))
-        run.log_dataset(split_file, manifest, version)
+        client.log_inputs(run.run_id, datasets=split_inputs(split_file, manifest, version))
         log.info("MLflow run %s in experiment %r (%s)", run.run_id, cfg.mlflow.experiment, client.tracking_uri)
     monitor = SystemMetricsMonitor(run.run_id, sampling_interval=5, resume_logging=bool(run_id),
                                    tracking_uri=client.tracking_uri)
@@ -361,38 +295,7 @@ def open_run(run_file: Path, model_file: Path | None = None) -> Run | None:
     try:
         run = client.get_run(record["run_id"])
     except MlflowException:
+        logged_to = record.get("tracking_uri") or "a local store outside the repository"
         raise StageError(f"{run_file}: run {record['run_id']} is not in the MLflow store {client.tracking_uri} "
-                         f"(it was logged to {record.get('tracking_uri')}); rerun the train stage") from None
+                         f"(it was logged to {logged_to}); rerun the train stage") from None
     return Run(client, run.info.run_id, run.info.experiment_id, record)
-
-
-def test_split_id(split_file: Path, dataset_version: str) -> str:
-    """Names "the same test split of the same dataset version": accuracies compare only within one id."""
-    rows = read_split(split_file)
-    rows = rows[rows["split"] == "test"].sort_values("file")
-    text = dataset_version + "\n" + "\n".join(rows["file"] + "," + rows["label"])
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def log_evaluation(run: Run | None, metrics: Mapping[str, Any], reports: Path, split_file: Path) -> None:
-    """Log test metrics, per-class table and evaluation figures into the training run."""
-    if run is None:
-        return
-    values = {f"test_{k}": metrics[k] for k in ("accuracy", "macro_f1", "errors", "in_ps_errors")}
-    values["inference_images_per_second"] = metrics["inference_images_per_second"]
-    for code, row in metrics["per_class"].items():
-        values |= {f"test_{k}_{code}": row[k] for k in ("precision", "recall", "f1")}
-    values |= {f"robustness_{k}": v for k, v in metrics.get("robustness", {}).items()}
-    values |= {f"review_{k}": v for k, v in metrics.get("review", {}).items()}
-    run.log_metrics(values)
-    table = pd.DataFrame([{"class": c} | row for c, row in metrics["per_class"].items()])
-    # log_dict, not log_table: log_table appends to an existing file, so re-evaluating the same
-    # run (evaluate's code changed, training did not) would duplicate every row.
-    run.client.log_dict(run.run_id, {"columns": list(table.columns), "data": table.values.tolist()},
-                        "evaluation/per_class.json")
-    split_id = test_split_id(split_file, run.record.get("dataset_version", "unknown"))
-    run.set_tags({"test_split_id": split_id, "n_test": metrics["n_test"]})
-    for name in ("confusion.png", "misclassified.png"):
-        run.log_artifact(reports / name, "figures")
-    for name in ("metrics.json", "robustness.csv", "predictions.csv", "review_curve.csv"):
-        run.log_artifact(reports / name, "evaluation")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import logging
 import math
 import sys
@@ -34,34 +33,17 @@ from neu_model.cli import StageError, run_stage
 from neu_model.config import CLASSES, Config, Recipe, add_config_args, load_config
 from neu_model.data import MANIFEST, SPLIT_FILE, ImageSet, load_split, to_float
 from neu_model.figures import curves_figure
-from neu_model.files import torch_save, write_json, write_text
+from neu_model.files import sha256_file, torch_save, write_csv, write_json
+from neu_model.inference import MODEL_FILE, memory_format, predict_logits, select_device
 from neu_model.model import build_model, count_macs, count_params
 from neu_model.progress import progress
 
 log = logging.getLogger("neu_model.train")
 
-MODEL_FILE = Path("models/model.pt")
 CHECKPOINT_FILE = Path("models/checkpoint.pt")
 TRAIN_LOG = Path("reports/train_log.csv")
 TRAIN_METRICS = Path("reports/train_metrics.json")
 TRAIN_CURVES = Path("reports/train_curves.png")
-
-
-def select_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then Apple MPS, then the CPU; anything else is used as given."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def memory_format(device: torch.device) -> torch.memory_format:
-    """Channels-last on CUDA and CPU: oneDNN's convolutions run 1.4x faster on it for seed_cnn
-    here (20 -> 28 train img/s, 2 threads); MPS gains nothing from it."""
-    return torch.channels_last if device.type in ("cuda", "cpu") else torch.contiguous_format
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
@@ -152,20 +134,6 @@ def train_one_epoch(model: nn.Module, data: ImageSet, recipe: Recipe, optimizer:
     return EpochStats(total_loss / len(data), correct / len(data), time.perf_counter() - start)
 
 
-@torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 64) -> torch.Tensor:
-    """Logits for uint8 images (N, 1, H, W), computed in batches, returned on the CPU."""
-    # Here rather than in predict.load_model: the model it loads is also exported to MLflow,
-    # and torch.export warns on (and stores) channels-last weights.
-    model.eval().to(memory_format=memory_format(device))
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = to_float(images[i: i + batch_size]).to(device)
-        x = x.contiguous(memory_format=memory_format(device))
-        out.append(model(x).float().cpu())
-    return torch.cat(out) if out else torch.empty(0, len(CLASSES))
-
-
 def evaluate(model: nn.Module, data: ImageSet, recipe: Recipe, device: torch.device) -> EpochStats:
     """Loss and accuracy on held-out images."""
     start = time.perf_counter()
@@ -179,14 +147,8 @@ def run_key(cfg: Config, split_file: Path, model: nn.Module) -> str:
     """What a checkpoint must match to be resumed: the resolved config, the exact split and the
     network's layout (a checkpoint left by an older version of the model's code does not fit)."""
     layout = ";".join(f"{name}{tuple(t.shape)}" for name, t in model.state_dict().items())
-    return (provenance.file_digest(split_file) + ":" + hashlib.sha256(layout.encode()).hexdigest()[:16]
+    return (sha256_file(split_file) + ":" + hashlib.sha256(layout.encode()).hexdigest()[:16]
             + ":" + repr(sorted(cfg.to_dict().items())))
-
-
-def _write_log(history: list[dict], path: Path) -> None:
-    buf = io.StringIO()
-    pd.DataFrame(history).to_csv(buf, index=False)
-    write_text(path, buf.getvalue())
 
 
 def train(cfg: Config, split_file: Path = SPLIT_FILE, image_dir: Path | None = None,
@@ -232,7 +194,7 @@ def train(cfg: Config, split_file: Path = SPLIT_FILE, image_dir: Path | None = N
             log.info("resuming from %s after epoch %d", checkpoint_file, state["epoch"])
 
     # One MLflow run per training; it checked the store before any epoch and ends FAILED if one raises.
-    dataset_version = provenance.dataset_version(manifest) if Path(manifest).exists() else "unknown"
+    dataset_version = provenance.dataset_version(manifest)
     git_sha = provenance.git_sha()  # once: it is a git subprocess, and the code cannot change mid-run
     with tracking.train_run(cfg, key=key, device=device, split_file=split_file, manifest=manifest,
                             resume=state["epoch"] > 0) as run:
@@ -256,7 +218,7 @@ def train(cfg: Config, split_file: Path = SPLIT_FILE, image_dir: Path | None = N
                         "scheduler": scheduler.state_dict(), "state": state, "config": cfg.to_dict(),
                         "ema": ema.state_dict() if ema is not None else None,
                         "git_sha": git_sha}, checkpoint_file)
-            _write_log(state["history"], log_file)
+            write_csv(pd.DataFrame(state["history"]), log_file)
             run.log_epoch(row)
 
         history = state["history"]
@@ -274,7 +236,7 @@ def train(cfg: Config, split_file: Path = SPLIT_FILE, image_dir: Path | None = N
                     "config": cfg.to_dict(), "git_sha": git_sha, "git_dirty": provenance.git_dirty(),
                     "dataset_version": dataset_version,
                     "summary": summary}, model_file)
-        _write_log(history, log_file)
+        write_csv(pd.DataFrame(history), log_file)
         curves_file = Path(log_file).with_name(TRAIN_CURVES.name)
         curves_figure(pd.DataFrame(history), curves_file)
         write_json(metrics_file, summary)

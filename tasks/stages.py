@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from neu_model import orchestrate
+from tasks.retry import retry_if_transient
 
 # Seconds a stage may take before its process group is killed; Prefect's own timeout is a
 # backstop a minute later (it cannot interrupt a thread blocked on a pipe).
@@ -29,20 +30,6 @@ def _repro(stage: str, project: str, data_source: str | None) -> bool:
     ran = orchestrate.repro(stage, Path(project), env, TIMEOUTS[stage], logger.info)
     logger.info("stage %s: %s", stage, "ran" if ran else "unchanged, skipped by DVC")
     return ran
-
-
-def _transient(task, task_run, state) -> bool:
-    """Retry registry trouble, not a stage that said its input is bad (exit 2): that stays bad.
-
-    A model that fails the gate is no failure at all: register records "rejected" and exits 0.
-    """
-    try:
-        state.result()
-    except orchestrate.StageFailed as exc:
-        return exc.transient
-    except Exception:  # noqa: BLE001 - anything else (a crash, a timeout) may be transient
-        return True
-    return True
 
 
 @task(name="apply-params", cache_policy=NO_CACHE, timeout_seconds=60)
@@ -92,9 +79,12 @@ def evaluate(project: str, data_source: str | None = None) -> bool:
 
 
 @task(name="register", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(5),
-      retry_condition_fn=_transient, timeout_seconds=TIMEOUTS["register"] + MARGIN)
+      retry_condition_fn=retry_if_transient, timeout_seconds=TIMEOUTS["register"] + MARGIN)
 def register(project: str, data_source: str | None = None) -> bool:
-    """The register stage; registry trouble is retried, bad input (exit 2) is not (see ``_transient``)."""
+    """The register stage; registry trouble is retried, bad input (exit 2) is not (see ``retry_if_transient``).
+
+    A model that fails the gate is no failure at all: register records "rejected" and exits 0.
+    """
     return _repro("register", project, data_source)
 
 

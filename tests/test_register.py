@@ -22,14 +22,13 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from neu_model import tracking
+from neu_model import register as gate  # module access: pytest would collect a bare test_split_id
 from neu_model.cli import StageError
 from neu_model.data import load_split, to_float
 from neu_model.evaluate import evaluate
-from neu_model.predict import load_model
+from neu_model.inference import load_torch_model, predict_logits
 from neu_model.register import decide, format_listing, listing, main, register
 from neu_model.split import split
-from neu_model.train import predict_logits
 
 from conftest import tiny_config
 
@@ -48,14 +47,15 @@ def name() -> str:
     return f"neu-test-{uuid.uuid4().hex[:8]}"
 
 
-def candidate(evaluated: Path, tmp_path: Path, accuracy: float, split_file: Path, dataset_version: str | None = None) -> Path:
+def candidate(evaluated: Path, tmp_path: Path, accuracy: float, split_file: Path,
+              dataset_version: str | None = None) -> Path:
     """A pipeline pass whose evaluation scored ``accuracy`` on ``split_file``: a new run, same model."""
     record = json.loads((evaluated / "run.json").read_text())
     record["dataset_version"] = dataset_version or record["dataset_version"]
     client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
     run_id = client.create_run(record["experiment_id"]).info.run_id
     client.log_metric(run_id, "test_accuracy", accuracy)
-    client.set_tag(run_id, "test_split_id", tracking.test_split_id(split_file, record["dataset_version"]))
+    client.set_tag(run_id, "test_split_id", gate.test_split_id(split_file, record["dataset_version"]))
     client.set_terminated(run_id)
     reports = tmp_path / run_id
     reports.mkdir()
@@ -71,7 +71,8 @@ def run_register(name, reports, ws, model_file, split_file=None, *overrides):
 
 
 def aliases(name) -> dict:
-    return {a: str(v) for a, v in MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_registered_model(name).aliases.items()}
+    aliases = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_registered_model(name).aliases
+    return {a: str(v) for a, v in aliases.items()}
 
 
 def test_gate_rules():
@@ -97,7 +98,8 @@ def test_real_evaluated_run_is_registered_with_its_metrics(evaluated, tiny_data,
     assert version.tags["gate.decision"] == "promoted" and "PROMOTED" in version.description
     assert aliases(name) == {"champion": "1", "challenger": "1"}
     assert json.loads((evaluated / "registration.json").read_text()) == json.loads(json.dumps(result))
-    assert MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(record["run_id"]).data.tags["registry.version"] == "1"
+    tags = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(record["run_id"]).data.tags
+    assert tags["registry.version"] == "1"
     # Running the stage again for the same run registers nothing new.
     assert run_register(name, evaluated, tiny_data, tiny_model)["version"] == "1"
     assert len(MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).search_model_versions(f"name = '{name}'")) == 1
@@ -137,7 +139,7 @@ def test_promote_then_keep_the_champion(evaluated, tiny_data, tiny_model, tmp_pa
 
 def _accuracy(model_file, split_file, image_dir) -> float:
     test = load_split("test", split_file, image_dir)
-    net, _ = load_model(model_file)
+    net, _ = load_torch_model(model_file)
     predicted = predict_logits(net, test.images, torch.device("cpu")).argmax(1)
     return round((predicted == test.labels).float().mean().item(), 6)
 
@@ -186,7 +188,8 @@ def test_crash_before_the_alias_moves_leaves_the_old_champion(evaluated, tiny_da
     monkeypatch.setattr(MlflowClient, "set_registered_model_alias", real)
     again = run_register(name, better, tiny_data, tiny_model)  # the rerun finishes the job
     assert again["version"] == "2" and again["decision"] == "promoted" and aliases(name)["champion"] == "2"
-    assert [(h["version"], h["replaced"]) for h in listing(MlflowClient(os.environ["MLFLOW_TRACKING_URI"]), name)["history"]] == [("1", None), ("2", "1")]
+    history = listing(MlflowClient(os.environ["MLFLOW_TRACKING_URI"]), name)["history"]
+    assert [(h["version"], h["replaced"]) for h in history] == [("1", None), ("2", "1")]
 
 
 def test_stale_metrics_are_refused(evaluated, tiny_data, tiny_model, tmp_path, name):
@@ -235,7 +238,8 @@ def test_served_champion_answers_invocations(evaluated, tiny_data, tiny_model, t
                 assert time.monotonic() < deadline, "server did not start"
                 time.sleep(1)
         x = to_float(load_split("test", tiny_data.split, tiny_data.images).images[:4]).numpy()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps({"inputs": x.tolist()}).encode(),
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         json.dumps({"inputs": x.tolist()}).encode(),
                                          {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as response:
             served = np.array(json.loads(response.read())["predictions"], dtype=np.float32)

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from neu_model.train import select_device, train
+from neu_model.train import train
 
 from conftest import die_in_epoch, tiny_config
 
@@ -120,15 +120,6 @@ def test_checkpoint_of_another_model_layout_does_not_resume(tiny_data, tmp_path,
     assert list(pd.read_csv(tmp_path / "log.csv")["epoch"]) == [1]
     saved = torch.load(tmp_path / "model.pt", weights_only=True)
     model.build_model("defectnet").load_state_dict(saved["state_dict"])
-
-
-def test_device_selection():
-    assert select_device("cpu").type == "cpu"
-    expected = "cuda" if torch.cuda.is_available() else None
-    if expected:
-        assert select_device("auto").type == "cuda"
-    else:
-        assert select_device("auto").type in ("cpu", "mps")
 
 
 @pytest.mark.gpu

@@ -44,7 +44,7 @@ def make_inputs(images: Path, n: int, form: str, work: Path) -> Path:
     sources = list(itertools.islice(itertools.cycle(walk_images(images)), n))
     names = [f"{i // 1000:03d}/{i:06d}_{src.name}" for i, src in enumerate(sources)]  # 1,000 a folder
     if form == "folder":
-        for name, src in zip(names, sources):
+        for name, src in zip(names, sources, strict=False):
             dest = work / "images" / name
             dest.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -55,12 +55,12 @@ def make_inputs(images: Path, n: int, form: str, work: Path) -> Path:
     path = work / f"images.{form}"
     if form == "zip":
         with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
-            for name, src in zip(names, sources):
+            for name, src in zip(names, sources, strict=False):
                 zf.write(src, name)
     else:
         options = {"mode": "w:gz", "compresslevel": 1} if form == "tar.gz" else {"mode": "w"}
         with tarfile.open(path, **options) as tf:
-            for name, src in zip(names, sources):
+            for name, src in zip(names, sources, strict=False):
                 tf.add(src, name)
     return path
 

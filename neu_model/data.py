@@ -89,7 +89,7 @@ def load_images(paths: Sequence[Path]) -> torch.Tensor:
     if not arrays:
         return torch.empty((0, 1, 0, 0), dtype=torch.uint8)
     shape = arrays[0].shape
-    for path, arr in zip(paths, arrays):
+    for path, arr in zip(paths, arrays, strict=False):
         if arr.shape != shape:
             raise StageError(f"{path}: size {arr.shape[::-1]} differs from {shape[::-1]}; resize it or remove it")
     return torch.from_numpy(np.stack(arrays)[:, None])

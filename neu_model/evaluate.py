@@ -111,7 +111,7 @@ def evaluate(cfg: Config, model_file: Path = MODEL_FILE, split_file: Path = SPLI
     write_csv(frame, reports / "predictions.csv")
     write_csv(pd.DataFrame(review_curve(test.labels, probs, CURVE_THRESHOLDS)), reports / "review_curve.csv")
     write_json(reports / "confusion.json",
-               [{"actual": a, "predicted": p} for a, p in zip(frame["label"], frame["predicted"])])
+               [{"actual": a, "predicted": p} for a, p in zip(frame["label"], frame["predicted"], strict=False)])
     confusion_figure(metrics["confusion_matrix"], reports / "confusion.png",
                      f"{meta['model_name']}: test accuracy {metrics['accuracy']:.2%}")
     wrong = (predicted != test.labels).nonzero().flatten()

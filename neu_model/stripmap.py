@@ -67,7 +67,7 @@ def strip_map(image: np.ndarray, tiles: Sequence[Tile], out_path: Path | str, si
     boxes = [scaled((*columns[x], *rows[y]), scale) for x, y, _, _ in tiles]
     coloured = base.copy()
     fill = ImageDraw.Draw(coloured)
-    for rect, (_, _, cls, _) in zip(boxes, tiles):
+    for rect, (_, _, cls, _) in zip(boxes, tiles, strict=False):
         fill.rectangle(rect, fill=CLASS_COLOURS[cls])
     mapped = Image.blend(base, coloured, tint)
     draw_tiles(ImageDraw.Draw(mapped), boxes, [(t[2], t[3]) for t in tiles])
@@ -106,11 +106,11 @@ def draw_tiles(draw: ImageDraw.ImageDraw, boxes: Sequence[tuple[int, int, int, i
                labels: Sequence[tuple[str, bool]]) -> None:
     """Thin class-coloured edges and class codes, then the review outlines on top of everything."""
     font = ImageFont.load_default(size=FONT_SIZE)
-    for (left, top, right, bottom), (cls, _) in zip(boxes, labels):
+    for (left, top, right, bottom), (cls, _) in zip(boxes, labels, strict=False):
         draw.rectangle((left, top, right, bottom), outline=CLASS_COLOURS[cls], width=1)
         if min(right - left, bottom - top) >= 3 * FONT_SIZE:  # codes only where they fit
             draw.text((left + 6, top + 4), cls, fill=(255, 255, 255), font=font, stroke_width=2, stroke_fill=(0, 0, 0))
-    for (left, top, right, bottom), (_, flagged) in zip(boxes, labels):
+    for (left, top, right, bottom), (_, flagged) in zip(boxes, labels, strict=False):
         if flagged:
             draw.rectangle((left, top, right, bottom), outline=(0, 0, 0), width=5)
             draw.rectangle((left + 1, top + 1, right - 1, bottom - 1), outline=REVIEW_COLOUR, width=3)

@@ -95,7 +95,8 @@ def tiny_model(tiny_data, tmp_path_factory) -> Path:
     return out / "model.pt"
 
 
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", "neu_model", "flows", "tasks", ".dvc/config", ".dvcignore"]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", "neu_model", "flows", "tasks", ".dvc/config",
+                 ".dvcignore"]
 
 
 def make_project(root: Path, *overrides: str) -> Path:

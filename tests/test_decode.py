@@ -6,10 +6,11 @@ import io
 
 import numpy as np
 import pytest
-from conftest import FIXTURE_IMAGES
 from PIL import Image
 
 from neu_model.decode import ImageError, decode
+
+from conftest import FIXTURE_IMAGES
 
 
 def gray(name: str) -> np.ndarray:

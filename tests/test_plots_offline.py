@@ -80,7 +80,7 @@ def drawn_plots(dom: str, plot_ids: list[str]) -> list[str]:
     """
     starts = sorted((dom.find(f'id="{plot_id}"'), plot_id) for plot_id in plot_ids)
     drawn = []
-    for (start, plot_id), (end, _) in zip(starts, [*starts[1:], (len(dom), "")]):
+    for (start, plot_id), (end, _) in zip(starts, [*starts[1:], (len(dom), "")], strict=False):
         if start >= 0 and DRAWN_MARKS.search(dom, start, end):
             drawn.append(plot_id)
     return drawn

@@ -42,7 +42,8 @@ def test_wrong_size_names_the_file(tiny_model, tmp_path):
 def test_cli_writes_csv_and_fails_cleanly(tiny_model, tmp_path):
     shutil.copy(FIXTURE_IMAGES / "Sc_1.bmp", tmp_path / "Sc_1.bmp")
     cmd = [sys.executable, "-m", "neu_model.predict", "--model", str(tiny_model), "--device", "cpu"]
-    ok = subprocess.run([*cmd, str(tmp_path), "--out", str(tmp_path / "p.csv")], cwd=ROOT, capture_output=True, text=True)
+    ok = subprocess.run([*cmd, str(tmp_path), "--out", str(tmp_path / "p.csv")], cwd=ROOT, capture_output=True,
+                        text=True)
     assert ok.returncode == 0, ok.stderr
     assert list(pd.read_csv(tmp_path / "p.csv")["file"]) == [str(tmp_path / "Sc_1.bmp")]
     bad = subprocess.run([*cmd, str(tmp_path / "missing")], cwd=ROOT, capture_output=True, text=True)

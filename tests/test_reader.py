@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FIXTURE_IMAGES
 from PIL import Image, PngImagePlugin
 
 from neu_model.cli import StageError
@@ -30,6 +29,8 @@ from neu_model.reader import (
     tile_origins,
     with_progress,
 )
+
+from conftest import FIXTURE_IMAGES
 
 NAMES = ["Cr_1", "In_2", "Pa_3", "PS_4", "RS_5", "Sc_1"]
 
@@ -146,7 +147,7 @@ def mosaic(tmp_path) -> Path:
 def test_large_images_are_cut_into_tiles_at_their_positions(mosaic, tmp_path):
     [tiles] = tiles_by_file(read_all(mosaic)).values()
     assert [(x, y) for x, y, _, _ in tiles] == [(0, 0), (200, 0), (400, 0), (0, 200), (200, 200), (400, 200)]
-    for (x, y, tile, _), name in zip(tiles, NAMES):
+    for (_x, _y, tile, _), name in zip(tiles, NAMES, strict=False):
         np.testing.assert_array_equal(tile, gray(name) / np.float32(255))
     crop = np.asarray(Image.open(mosaic))[:300, :450]
     Image.fromarray(crop).save(tmp_path / "crop.bmp")
@@ -202,7 +203,7 @@ def test_archive_members_are_streamed_and_named_after_their_archive(tmp_path):
     for archive in ("day.zip", "day.tar.gz"):
         found = tiles_by_file(read_all(tmp_path / archive))
         assert list(found) == [f"{tmp_path / archive}:{n}" for n in names]
-        for n, [(_, _, tile, _)] in zip(names, found.values()):
+        for n, [(_, _, tile, _)] in zip(names, found.values(), strict=False):
             np.testing.assert_array_equal(tile, gray(Path(n).stem) / np.float32(255))
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import FIXTURE_IMAGES
 from PIL import Image
 
 from neu_model.reader import tile_origins
 from neu_model.stripmap import CLASS_COLOURS, REVIEW_COLOUR, cells, strip_map
+
+from conftest import FIXTURE_IMAGES
 
 
 def blend(grey: float, colour: tuple[int, int, int], tint: float = 0.4) -> np.ndarray:

@@ -13,6 +13,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from PIL import Image
+
+from neu_model import download as dl
+from neu_model.cli import StageError
+from neu_model.config import DATA_SOURCE_ENV, PARAMS_FILE, ROOT, load_config
+from neu_model.files import sha256_file
+
 from download_support import (
     FAST,
     FIXTURE,
@@ -26,12 +33,6 @@ from download_support import (
     serve,
     snapshot,
 )
-from PIL import Image
-
-from neu_model import download as dl
-from neu_model.cli import StageError
-from neu_model.config import DATA_SOURCE_ENV, PARAMS_FILE, ROOT, load_config
-from neu_model.files import sha256_file
 
 
 @pytest.fixture(autouse=True)

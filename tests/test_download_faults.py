@@ -18,6 +18,12 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
+from neu_model import archive
+from neu_model import download as dl
+from neu_model.cli import StageError
+from neu_model.config import DATA_SOURCE_ENV, PARAMS_FILE, ROOT
+
 from download_support import (
     FAST,
     FIXTURE,
@@ -29,11 +35,6 @@ from download_support import (
     publish_good,
     serve,
 )
-
-from neu_model import archive
-from neu_model import download as dl
-from neu_model.cli import StageError
-from neu_model.config import DATA_SOURCE_ENV, PARAMS_FILE, ROOT
 
 SECRET = "s3cret-token"
 HTML = b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>Sign in to continue</body></html>\n"

@@ -5,6 +5,7 @@
 #   make bench      train and score every model, print a table (ARGS="--seeds 0 1 2 --epochs 5")
 #   make retrain    the Prefect training flow once (ARGS="--set key=value --device cuda")
 #   make serve      the training flow as a deployment on a cron schedule (CRON="0 3 * * 1")
+#   make sweep      the trials of a sweep file side by side on a local Dask cluster (SWEEP=... WORKERS=2)
 #   make ui         the MLflow UI on http://127.0.0.1:$(UI_PORT) over this project's store (docs/mlflow.md)
 #   make registry   versions, aliases and promotion history of the registered model
 # Data source: params.yaml's data.source, or NEU_DATA_SOURCE when set.
@@ -23,7 +24,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
-.PHONY: install pipeline retrain serve test test-fast bench ui registry
+.PHONY: install pipeline retrain serve sweep test test-fast bench ui registry
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -44,6 +45,12 @@ retrain: $(STAMP)
 CRON ?= 0 3 * * 1
 serve: $(STAMP)
 	$(PY) -m flows.training serve --cron "$(CRON)" $(ARGS)
+
+# Sweeps: each trial in a clone of its own, on WORKERS local Dask processes (docs/orchestration.md, "Sweeps").
+SWEEP ?= sweeps/seeds.yaml
+WORKERS ?= 2
+sweep: $(STAMP)
+	$(PY) -m flows.sweep $(SWEEP) --workers $(WORKERS) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/ruff check .

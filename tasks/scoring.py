@@ -9,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from neu_model import score as scoring
+from neu_model import sweep
 from neu_model.files import write_csv
 from tasks.retry import retry_if_transient
 
@@ -29,5 +30,37 @@ def score_images(inputs: list[str], model, out: str, review_below: float) -> dic
     write_csv(frame, Path(out))
     summary = scoring.summarize(frame)
     get_run_logger().info("scored %d images into %s: %s; %d need review", summary["n"], out, summary["counts"],
+                          summary["needs_review"])
+    return summary
+
+
+# ---------------------------------------------------------------- several workers: one shard each
+
+@task(name="pin-model-version", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(5),
+      retry_condition_fn=retry_if_transient, timeout_seconds=300)
+def pin_model_version(model_uri: str, tracking_uri: str) -> str:
+    """The version ``model_uri``'s alias names now (``models:/<name>/<version>``), for every shard."""
+    pinned = sweep.pinned_uri(model_uri, tracking_uri)
+    get_run_logger().info("%s is %s", model_uri, pinned)
+    return pinned
+
+
+# No task timeout (Prefect cannot interrupt a Dask worker's thread); the flow's own timeout bounds it.
+@task(name="score-shard", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(5),
+      retry_condition_fn=retry_if_transient)
+def score_shard(inputs: list[str], model_uri: str, tracking_uri: str, review_below: float):
+    """Load the model in this worker and score one shard of the inputs; returns its predictions frame."""
+    model = load_champion.fn(model_uri, tracking_uri)
+    frame = scoring.score([Path(p) for p in inputs], model, review_below)
+    get_run_logger().info("scored %d images from %d inputs", len(frame), len(inputs))
+    return frame
+
+
+@task(name="write-scores", cache_policy=NO_CACHE, timeout_seconds=600)
+def write_scores(frame, out: str) -> dict:
+    """Write the merged predictions CSV to ``out``; returns the summary."""
+    write_csv(frame, Path(out))
+    summary = scoring.summarize(frame)
+    get_run_logger().info("wrote %d predictions to %s: %s; %d need review", summary["n"], out, summary["counts"],
                           summary["needs_review"])
     return summary

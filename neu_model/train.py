@@ -57,7 +57,8 @@ def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     return optimizers[recipe.optimizer](groups, lr=recipe.lr)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
     """The learning rate per step (the scheduler steps once per batch): constant, or (``onecycle``)
     ``(step + 1) / warmup`` times the lr over the first ``warmup_epochs``, then a cosine from
     the full lr to 0 over the remaining steps."""

@@ -214,7 +214,8 @@ def train(cfg: Config, split_file: Path = SPLIT_FILE, image_dir: Path | None = N
             # Without a validation part there is nothing to select on: the end of the schedule is the model.
             if not len(val_set) or state["best_score"] is None or score > tuple(state["best_score"]):
                 state["best_score"] = list(score)
-                state["best"] = {"epoch": epoch + 1, "state_dict": {k: v.detach().cpu().clone() for k, v in scored.state_dict().items()}}
+                weights = {k: v.detach().cpu().clone() for k, v in scored.state_dict().items()}
+                state["best"] = {"epoch": epoch + 1, "state_dict": weights}
             state["epoch"] = epoch + 1
             log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  %.1fs (%.0f img/s)",
                      epoch + 1, recipe.epochs, tr.loss, tr.accuracy, va.loss, va.accuracy, tr.seconds,

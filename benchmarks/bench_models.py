@@ -60,11 +60,10 @@ def trained_before(model_file: Path, cfg) -> dict | None:
     """The summary of ``model_file`` when it was trained with exactly ``cfg`` (``--reuse``), else None."""
     if not model_file.is_file():
         return None
-    saved = torch.load(model_file, map_location="cpu", weights_only=True).get("config", {})
+    saved = torch.load(model_file, map_location="cpu", weights_only=True)
     # Only what training reads: evaluation and inference settings may differ between reuses.
-    keys = ("seed", "data", "split", "train")
-    same = all(saved.get(k) == cfg.to_dict()[k] for k in keys)
-    return torch.load(model_file, map_location="cpu", weights_only=True).get("summary") if same else None
+    same = all(saved.get("config", {}).get(k) == cfg.to_dict()[k] for k in ("seed", "data", "split", "train"))
+    return saved.get("summary") if same else None
 
 
 def run_one(name: str, seed: int, epochs: int | None, work: Path, image_dir: Path, manifest: Path,

@@ -109,6 +109,9 @@ def ensure_system_user(name: str = SYSTEM_USER) -> Owner:
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
+        if not shutil.which("useradd"):
+            raise StageError(f"no system user {name!r} for PostgreSQL and no useradd to create it: "
+                             "create the user, or run as a non-root user") from None
         done = subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
                                "--shell", "/usr/sbin/nologin", name], capture_output=True, text=True)
         try:  # another process may have created it meanwhile (useradd exit 9)

@@ -109,6 +109,14 @@ def pipeline(server, tmp_path_factory):
     return project, json.loads((project / "reports" / "run.json").read_text())["run_id"]
 
 
+def test_starting_the_running_cluster_again_changes_nothing(server, postgres_dir):
+    running = pgserver.status(postgres_dir)
+    assert running == f"postgresql://mlflow@127.0.0.1:{int((postgres_dir / 'port').read_text())}/mlflow"
+    assert pgserver.start(postgres_dir) == running  # idempotent: the MLflow server keeps its database
+    with pytest.raises(StageError, match="already runs on port"):
+        pgserver.start(postgres_dir, port=pgserver.free_port())
+
+
 def test_the_run_is_on_the_server_and_in_postgresql(server, pipeline, postgres_dir):
     import psycopg2
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.settings import get_current_settings
 from prefect.tasks import exponential_backoff
 
 from flows.report import per_class_rows, training_markdown
@@ -137,6 +138,10 @@ def _ensure_process_pool(pool: str) -> None:
     from prefect.workers.process import ProcessWorker
 
     with get_client(sync_client=True) as client:
+        problem = client.api_healthcheck()
+        if problem is not None:
+            raise ConnectionError(f"the Prefect server at {client.api_url} did not answer ({problem}): is it running "
+                                  "(prefect server start), and PREFECT_API_URL right?")
         try:
             client.read_work_pool(pool)
         except ObjectNotFound:
@@ -172,7 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "deploy":
         if not args.pool:
             parser.error("deploy needs --pool NAME (make deploy POOL=NAME)")
-        print(deploy(args.pool, args.name, None if args.no_schedule else args.cron, params))
+        if not get_current_settings().api.url:  # a temporary API would forget the deployment at exit
+            parser.error("deploy needs a running Prefect server: set PREFECT_API_URL (docs/orchestration.md)")
+        try:
+            print(deploy(args.pool, args.name, None if args.no_schedule else args.cron, params))
+        except ConnectionError as exc:
+            parser.exit(2, f"error: {exc}\n")
         return 0
     state = training_flow(args.overrides, args.data_source, args.device, return_state=True)
     return 0 if state.is_completed() else 1

@@ -230,11 +230,11 @@ class Uniform:
 
 
 def test_score_reads_folders_and_archives(tmp_path):
-    from neu_model.score import score, summarize
+    from neu_model.predict import score_inputs, summarize
 
     archive = tmp_path / "b.zip"
     archive.write_bytes(fixture_zip())
-    frame = score([FIXTURE_IMAGES, archive], Uniform(), review_below=0.45, batch_size=16)
+    frame = score_inputs([FIXTURE_IMAGES, archive], Uniform(), review_below=0.45, batch_size=16)
     assert len(frame) == 60 and frame["file"].iloc[-1].startswith(f"{archive}:NEU-CLS/")
     summary = summarize(frame, n_least=2)
     assert summary["counts"] == {"Cr": 4, "In": 0, "Pa": 0, "PS": 0, "RS": 0, "Sc": 56}  # batches of 16

@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.report import scoring_markdown
 from neu_model.cli import add_review_arg, disable_telemetry, review_threshold, tracking_uri
-from neu_model.score import champion_uri
+from neu_model.model_source import champion_uri
 from tasks.scoring import load_champion, score_images
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,8 +8,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from neu_model import score as scoring
 from neu_model.files import write_csv
+from neu_model.model_source import load_pyfunc_model
+from neu_model.predict import score_inputs, summarize
 from tasks.retry import retry_if_transient
 
 
@@ -19,15 +20,15 @@ from tasks.retry import retry_if_transient
 def load_champion(model_uri: str, tracking_uri: str):
     """Load the model behind ``model_uri`` from ``tracking_uri`` (a registry call, hence the retries)."""
     get_run_logger().info("loading %s from %s", model_uri, tracking_uri)
-    return scoring.load_pyfunc_model(model_uri, tracking_uri)
+    return load_pyfunc_model(model_uri, tracking_uri)
 
 
 @task(name="score-images", cache_policy=NO_CACHE, timeout_seconds=3600)
 def score_images(inputs: list[str], model, out: str, review_below: float) -> dict:
     """Score ``inputs``, write the predictions CSV to ``out``; returns the summary."""
-    frame = scoring.score([Path(p) for p in inputs], model, review_below)
+    frame = score_inputs([Path(p) for p in inputs], model, review_below)
     write_csv(frame, Path(out))
-    summary = scoring.summarize(frame)
+    summary = summarize(frame)
     get_run_logger().info("scored %d images into %s: %s; %d need review", summary["n"], out, summary["counts"],
                           summary["needs_review"])
     return summary

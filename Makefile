@@ -8,6 +8,10 @@
 #   make sweep      the trials of a sweep file side by side on a local Dask cluster (SWEEP=... WORKERS=2)
 #   make ui         the MLflow UI on http://127.0.0.1:$(UI_PORT) over this project's store (docs/mlflow.md)
 #   make registry   versions, aliases and promotion history of the registered model
+#   make mlflow-server  a shared MLflow server on PostgreSQL, artifacts proxied (HOST=, MLFLOW_PORT=; docs/scale-out.md)
+#   make remote     the DVC remote for data and models, in .dvc/config.local (REMOTE=/path, s3://..., ssh://...)
+#   make deploy     the training flow as a deployment in a Prefect work pool (POOL=neu-process)
+#   make worker     a Prefect worker running that pool's flows in this checkout (POOL=neu-process)
 # Data source: params.yaml's data.source, or NEU_DATA_SOURCE when set.
 
 SHELL := /bin/bash
@@ -24,7 +28,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
-.PHONY: install pipeline retrain serve sweep test test-fast bench ui registry
+.PHONY: install pipeline retrain serve sweep test test-fast bench ui registry mlflow-server remote deploy worker
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -70,3 +74,41 @@ ui: $(STAMP)
 
 registry: $(STAMP)
 	$(PY) -m neu_model.register --history
+
+# Shared MLflow server (docs/scale-out.md): PostgreSQL backend store, artifacts proxied by the
+# server (clients need no access to the artifact store). The database is MLFLOW_BACKEND_STORE_URI
+# when set (postgresql://user@host:5432/mlflow; the password in PGPASSFILE), else a project-local
+# PostgreSQL in $(PG_DIR), started on 127.0.0.1 (python -m neu_model.pgserver start|stop|status).
+# MLflow's job runner (GenAI scorers, unused here: six processes) stays off unless asked for.
+# Clients: MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT) make pipeline
+HOST ?= 127.0.0.1
+MLFLOW_PORT ?= 5001
+MLFLOW_WORKERS ?= 2
+MLFLOW_ARTIFACTS ?= $(CURDIR)/mlartifacts
+PG_DIR ?= $(CURDIR)/.pg
+mlflow-server: $(STAMP)
+	@if [ -n "$${MLFLOW_BACKEND_STORE_URI:-}" ]; then backend="$$MLFLOW_BACKEND_STORE_URI"; \
+	else backend="$$($(PY) -m neu_model.pgserver start --dir "$(PG_DIR)")" || exit 1; \
+		export PGPASSFILE="$(PG_DIR)/pgpass"; fi; \
+	export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="$${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"; \
+	echo "MLflow server on http://$(HOST):$(MLFLOW_PORT), artifacts in $(MLFLOW_ARTIFACTS)"; \
+	exec $(BIN)/mlflow server --backend-store-uri "$$backend" --serve-artifacts \
+		--artifacts-destination "$(MLFLOW_ARTIFACTS)" --host "$(HOST)" --port $(MLFLOW_PORT) \
+		--workers $(MLFLOW_WORKERS) $(ARGS)
+
+# DVC remote for data/raw, models and figures (`dvc push` / `dvc pull`). --local writes it into
+# .dvc/config.local, which git ignores: the location and its credentials belong to one clone.
+REMOTE_NAME ?= storage
+remote: $(STAMP)
+	@test -n "$(REMOTE)" || { echo "error: no remote given: make remote REMOTE=/mnt/dvc-store (or s3://bucket/prefix, ssh://host/path)" >&2; exit 2; }
+	$(BIN)/dvc remote add --local --default --force $(REMOTE_NAME) "$(REMOTE)"
+	$(BIN)/dvc remote list --local
+
+# Prefect work pool (docs/orchestration.md): `make deploy` puts the training flow into POOL (once,
+# against PREFECT_API_URL's server); `make worker`, on the machine that trains, runs its flows.
+POOL ?= neu-process
+deploy: $(STAMP)
+	$(PY) -m flows.training deploy --pool "$(POOL)" $(ARGS)
+
+worker: $(STAMP)
+	$(BIN)/prefect worker start --pool "$(POOL)" --type process --limit 1 $(ARGS)

@@ -37,12 +37,12 @@ from neu_model.inference import fuse_batchnorm, memory_format  # noqa: E402
 from neu_model.model import MODELS, build_model, count_macs, count_params  # noqa: E402
 
 
-def inference_speed(name: str, batch_size: int, repeats: int = 7, size: int = 200) -> float:
+def inference_speed(name: str, batch_size: int, arch: dict, repeats: int = 7, size: int = 200) -> float:
     """Median images/s of a freshly built model in eval mode (weights do not change the cost)."""
     torch.manual_seed(0)
     # as inference.load_torch_model + predict_logits run it: batch norms folded, channels-last
     cpu = torch.device("cpu")
-    model = fuse_batchnorm(build_model(name).eval()).to(memory_format=memory_format(cpu))
+    model = fuse_batchnorm(build_model(name, **arch).eval()).to(memory_format=memory_format(cpu))
     x = torch.rand(batch_size, 1, size, size).contiguous(memory_format=memory_format(cpu))
     times = []
     with torch.no_grad():
@@ -56,8 +56,19 @@ def inference_speed(name: str, batch_size: int, repeats: int = 7, size: int = 20
     return batch_size / times[len(times) // 2]
 
 
+def trained_before(model_file: Path, cfg) -> dict | None:
+    """The summary of ``model_file`` when it was trained with exactly ``cfg`` (``--reuse``), else None."""
+    if not model_file.is_file():
+        return None
+    saved = torch.load(model_file, map_location="cpu", weights_only=True)
+    # Only what training reads: evaluation and inference settings may differ between reuses.
+    same = all(saved.get("config", {}).get(k) == cfg.to_dict()[k] for k in ("seed", "data", "split", "train"))
+    return saved.get("summary") if same else None
+
+
 def run_one(name: str, seed: int, epochs: int | None, work: Path, image_dir: Path, manifest: Path,
-            params: Path, threads: int, robustness: bool = True, extra: list[str] | None = None) -> dict:
+            params: Path, threads: int, robustness: bool = True, extra: list[str] | None = None,
+            reuse: bool = False) -> dict:
     from neu_model.evaluate import evaluate
     from neu_model.split import split_frame
     from neu_model.train import train
@@ -72,11 +83,14 @@ def run_one(name: str, seed: int, epochs: int | None, work: Path, image_dir: Pat
     split_file = work / f"split-seed{seed}.csv"
     # Always rewritten: a work folder reused with other split.* overrides must not keep the old split.
     split_frame(pd.read_csv(manifest, dtype=str), cfg.split, seed).to_csv(split_file, index=False)
-    (out / "checkpoint.pt").unlink(missing_ok=True)
-    summary = train(cfg, split_file, image_dir, out / "model.pt", out / "checkpoint.pt", out / "train_log.csv",
-                    out / "train_metrics.json", manifest)
+    summary = trained_before(out / "model.pt", cfg) if reuse else None
+    if summary is None:
+        (out / "checkpoint.pt").unlink(missing_ok=True)
+        summary = train(cfg, split_file, image_dir, out / "model.pt", out / "checkpoint.pt", out / "train_log.csv",
+                        out / "train_metrics.json", manifest)
     metrics = evaluate(cfg, out / "model.pt", split_file, image_dir, out)
-    model = build_model(name)
+    arch = dict(cfg.train.recipes[name].arch)
+    model = build_model(name, **arch)
     return {
         "model": name, "seed": seed, "epochs": summary["epochs"],
         "test_acc_%": round(100 * metrics["accuracy"], 2), "macro_f1_%": round(100 * metrics["macro_f1"], 2),
@@ -86,7 +100,8 @@ def run_one(name: str, seed: int, epochs: int | None, work: Path, image_dir: Pat
         "review_%": round(100 * metrics["review"]["flagged_share"], 2),
         "accepted_err": metrics["review"]["accepted_errors"],
         "train_s": round(summary["train_seconds"]), "train_img/s": summary["train_images_per_second"],
-        "infer_img/s_b1": round(inference_speed(name, 1)), "infer_img/s_b64": round(inference_speed(name, 64)),
+        "infer_img/s_b1": round(inference_speed(name, 1, arch)),
+        "infer_img/s_b64": round(inference_speed(name, 64, arch)),
         "MMACs": round(count_macs(model) / 1e6, 1), "params_k": round(count_params(model) / 1e3),
     }
 
@@ -103,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
     parser.add_argument("--no-robustness", action="store_true", help="skip the corruption suite (faster)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table as CSV here")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep a model in --workdir trained with exactly the same config instead of retraining")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.WARNING)
@@ -117,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         for seed in args.seeds:
             print(f"# {name} seed {seed} ...", file=sys.stderr, flush=True)
             rows.append(run_one(name, seed, args.epochs, work, args.images, args.manifest, Path(args.params),
-                                args.threads, not args.no_robustness, args.overrides))
+                                args.threads, not args.no_robustness, args.overrides, args.reuse))
     table = pd.DataFrame(rows)
     if len(args.seeds) > 1:
         means = table.groupby("model", sort=False).mean(numeric_only=True).round(2).reset_index()

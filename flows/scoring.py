@@ -23,7 +23,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.report import scoring_markdown
 from flows.runners import dask_runner, workers_report_here
 from neu_model.cli import add_review_arg, disable_telemetry, review_threshold, tracking_uri
-from neu_model.score import champion_uri
+from neu_model.model_source import champion_uri
 from neu_model.sweep import expand_inputs, merge_shards, shard
 from tasks.scoring import load_champion, pin_model_version, score_images, score_shard, write_scores
 
@@ -79,7 +79,7 @@ def _score_in_shards(inputs: list[str], uri: str, store: str, target: str, revie
         futures = [score_shard.with_options(task_run_name=f"score-shard-{i}").submit(part, pinned, store, review_below)
                    for i, part in enumerate(shards)]
         frames = {i: future.result() for i, future in enumerate(futures)}
-    return write_scores(merge_shards(frames), target) | {"model_version_uri": pinned, "shards": len(shards)}
+    return write_scores(merge_shards(frames), target, inputs) | {"model_version_uri": pinned, "shards": len(shards)}
 
 
 def run(inputs: list[str], workers: int = 1, address: str | None = None, **kwargs):

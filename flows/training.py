@@ -2,9 +2,11 @@
 
     python -m flows.training [--set KEY=VALUE ...] [--data-source SRC] [--device DEV]   # one run
     python -m flows.training serve [--cron "0 3 * * 1"]                                # scheduled
+    python -m flows.training deploy --pool neu-process [--cron ... | --no-schedule]    # into a work pool
 
-``make retrain`` / ``make serve`` wrap these. With no ``PREFECT_API_URL`` a run starts a
-temporary local API (prefect.toml keeps its state in .prefect/); with it, runs report there.
+``make retrain`` / ``make serve`` / ``make deploy`` wrap these; ``make worker`` runs a pool's
+flows. With no ``PREFECT_API_URL`` a run starts a temporary local API (prefect.toml keeps its
+state in .prefect/); with it, runs report there.
 The flow holds the order, retries, schedule, concurrency and artifacts; the stages
 themselves are ``dvc.yaml``'s, run by the tasks in ``tasks/stages.py``.
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.settings import get_current_settings
 from prefect.tasks import exponential_backoff
 
 from flows.report import per_class_rows, training_markdown
@@ -107,25 +110,79 @@ def serve(cron: str = DEFAULT_CRON, parameters: dict | None = None) -> None:
                         tags=["neu-cls", "training"], pause_on_shutdown=False)
 
 
+def deploy(pool: str, name: str | None = None, cron: str | None = DEFAULT_CRON, parameters: dict | None = None,
+           source: str | Path = ROOT) -> str:
+    """Create or update the deployment ``neu-training/<name>`` in the work pool ``pool``.
+
+    A worker polling the pool (``prefect worker start --pool <pool>``) runs it. The flow's
+    code is loaded from ``source``: by default this checkout, a folder the worker must have at
+    the same path, because the run works there (DVC's cache, data and dvc.lock stay between
+    runs). A missing pool is created as a process pool. Concurrency 1: one ``dvc repro`` per
+    workspace, as with ``serve``.
+
+    Returns:
+        The deployment's id.
+    """
+    _ensure_process_pool(pool)
+    remote_flow = training_flow.from_source(str(source), "flows/training.py:training_flow")
+    deployment_id = remote_flow.deploy(name=name or f"retrain-{pool}", work_pool_name=pool, cron=cron or None,
+                                       concurrency_limit=1, parameters=parameters or {},
+                                       tags=["neu-cls", "training"], print_next_steps=False, ignore_warnings=True)
+    return str(deployment_id)
+
+
+def _ensure_process_pool(pool: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        problem = client.api_healthcheck()
+        if problem is not None:
+            raise ConnectionError(f"the Prefect server at {client.api_url} did not answer ({problem}): is it running "
+                                  "(prefect server start), and PREFECT_API_URL right?")
+        try:
+            client.read_work_pool(pool)
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process",
+                                                   base_job_template=ProcessWorker.get_default_base_job_template()))
+            print(f"created the process work pool {pool!r}", file=sys.stderr)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", choices=["run", "serve"], default="run")
+    parser.add_argument("command", nargs="?", choices=["run", "serve", "deploy"], default="run")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="params.yaml override for this run (repeatable)")
     parser.add_argument("--data-source", help="folder, archive or URL of the images")
     parser.add_argument("--device", help="train.device for this run")
-    parser.add_argument("--cron", default=DEFAULT_CRON, help=f"serve: the schedule (default {DEFAULT_CRON!r})")
+    parser.add_argument("--cron", default=DEFAULT_CRON, help=f"serve, deploy: the schedule (default {DEFAULT_CRON!r})")
+    parser.add_argument("--no-schedule", action="store_true", help="deploy: runs only when started by hand")
+    parser.add_argument("--pool", help="deploy: the work pool (created as a process pool when missing)")
+    parser.add_argument("--name", help="deploy: the deployment's name (default retrain-<pool>)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     disable_telemetry()
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    # Parameters given here become the deployment's defaults for every scheduled run.
+    params = {k: v for k, v in {"overrides": args.overrides or None, "data_source": args.data_source,
+                                "device": args.device}.items() if v}
     if args.command == "serve":
-        # Parameters given here become the deployment's defaults for every scheduled run.
-        params = {k: v for k, v in {"overrides": args.overrides or None, "data_source": args.data_source,
-                                    "device": args.device}.items() if v}
         serve(args.cron, params)
+        return 0
+    if args.command == "deploy":
+        if not args.pool:
+            parser.error("deploy needs --pool NAME (make deploy POOL=NAME)")
+        if not get_current_settings().api.url:  # a temporary API would forget the deployment at exit
+            parser.error("deploy needs a running Prefect server: set PREFECT_API_URL (docs/orchestration.md)")
+        try:
+            print(deploy(args.pool, args.name, None if args.no_schedule else args.cron, params))
+        except ConnectionError as exc:
+            parser.exit(2, f"error: {exc}\n")
         return 0
     state = training_flow(args.overrides, args.data_source, args.device, return_state=True)
     return 0 if state.is_completed() else 1

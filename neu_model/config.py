@@ -10,9 +10,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
 
 import yaml
 
@@ -29,6 +31,18 @@ CLASS_NAMES: dict[str, str] = {
     "PS": "pitted surface",
     "RS": "rolled-in scale",
     "Sc": "scratches",
+}
+
+
+# The constructor keyword arguments of each model of neu_model.model.MODELS that a recipe's
+# ``arch`` may set (num_classes comes from the classes). Kept here so that loading params needs
+# no torch; tests/test_models.py checks it against the constructors.
+ARCH_KWARGS: dict[str, tuple[str, ...]] = {
+    "seed_cnn": (),
+    "defectnet": ("widths", "dropout", "stem", "standardize", "detrend", "standardize_scale", "pool",
+                  "global_pool", "full_resolution"),
+    "defectnet_res": ("widths", "dropout", "stem", "standardize", "detrend", "standardize_scale",
+                      "global_pool", "stem_conv"),
 }
 
 
@@ -69,6 +83,13 @@ class Recipe:
     roll_mark_share: float  # share of training images given faint lines along the rolling direction
     shuffle: bool
     ema_decay: float  # exponential moving average of the weights per step; 0 = off
+    # The model constructor's keyword arguments (neu_model.model.build_model), read-only, lists
+    # as tuples; empty: the constructor's defaults.
+    arch: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        arch = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(self.arch or {}).items()}
+        object.__setattr__(self, "arch", MappingProxyType(arch))
 
 
 @dataclass(frozen=True)
@@ -120,10 +141,14 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain data (saved in checkpoints, logged as params)."""
-        return _plain(dataclasses.asdict(self))
+        return _plain(self)
 
 
 def _plain(value: Any) -> Any:
+    """Dataclasses and mappings as dicts, tuples as lists: what YAML, JSON and ``torch.save``
+    with ``weights_only`` loading take."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -183,6 +208,7 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
     if not 0 < cfg.split.test_fraction < 1 or not 0 <= cfg.split.val_fraction < 1:
         raise ConfigError("split.test_fraction must be in (0, 1) and split.val_fraction in [0, 1)")
     for name, recipe in cfg.train.recipes.items():
+        _check_arch(name, recipe)
         for key in ("turn_probability", "roll_mark_share"):
             if not 0 <= getattr(recipe, key) <= 1:
                 raise ConfigError(f"train.recipes.{name}.{key}={getattr(recipe, key)} must be a share "
@@ -191,6 +217,20 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
         raise ConfigError(f"review.below_confidence={cfg.review.below_confidence} must be in [0, 1] "
                           "(0 flags nothing, 1 flags everything)")
     return cfg
+
+
+def _check_arch(name: str, recipe: Recipe) -> None:
+    """Refuse an ``arch`` key the model's constructor does not take, before anything is trained."""
+    if not recipe.arch:
+        return
+    if name not in ARCH_KWARGS:
+        raise ConfigError(f"train.recipes.{name}.arch: no model {name!r} with architecture arguments; "
+                          f"models with them: {sorted(ARCH_KWARGS)}")
+    allowed = ARCH_KWARGS[name]
+    for key in recipe.arch:
+        if key not in allowed:
+            raise ConfigError(f"train.recipes.{name}.arch.{key}: {name} takes no argument {key!r}; "
+                              f"allowed: {', '.join(allowed) or 'none (arch: {})'}")
 
 
 def load_raw(path: Path | str = PARAMS_FILE) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from neu_model.figures import confusion_figure, gallery_figure
 from neu_model.files import write_csv, write_json
 from neu_model.inference import MODEL_FILE, load_torch_model, predict_logits, select_device
 from neu_model.metrics import classification_metrics, review_curve, review_metrics
-from neu_model.predict import predictions_frame
+from neu_model.predictions import predictions_frame
 from neu_model.register import test_split_id
 
 log = logging.getLogger("neu_model.evaluate")

@@ -1,22 +1,38 @@
-"""Classification metrics from predicted and true class indices (no scikit-learn needed), and
-what a confidence threshold for human review would flag."""
+"""Classification metrics from predicted and true class indices (scikit-learn's), and what a
+confidence threshold for human review would flag."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from sklearn import metrics
 
 from neu_model.config import CLASSES
+
+LABELS = list(range(len(CLASSES)))  # every class, also one absent from a small set
 
 
 def confusion_matrix(actual: torch.Tensor, predicted: torch.Tensor, n: int = len(CLASSES)) -> torch.Tensor:
     """Counts, rows = actual class, columns = predicted class."""
-    return torch.bincount(actual * n + predicted, minlength=n * n).reshape(n, n)
+    if not len(actual):  # scikit-learn refuses empty input; nothing to count
+        return torch.zeros(n, n, dtype=torch.long)
+    return torch.from_numpy(metrics.confusion_matrix(actual.cpu().numpy(), predicted.cpu().numpy(),
+                                                     labels=list(range(n))))
 
 
 def in_ps_errors(cm: torch.Tensor) -> int:
     """Inclusions called pitted surfaces and back: the confusion the first public model made."""
     i_in, i_ps = CLASSES.index("In"), CLASSES.index("PS")
     return int(cm[i_in, i_ps].item() + cm[i_ps, i_in].item())
+
+
+def per_class_scores(actual: torch.Tensor, predicted: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall and F1 of each class; 0 where a class is never predicted or never present."""
+    if not len(actual):
+        return np.zeros(len(LABELS)), np.zeros(len(LABELS)), np.zeros(len(LABELS))
+    precision, recall, f1, _ = metrics.precision_recall_fscore_support(
+        actual.cpu().numpy(), predicted.cpu().numpy(), labels=LABELS, zero_division=0)
+    return precision, recall, f1
 
 
 def classification_metrics(actual: torch.Tensor, predicted: torch.Tensor) -> dict:
@@ -26,22 +42,20 @@ def classification_metrics(actual: torch.Tensor, predicted: torch.Tensor) -> dic
         ``accuracy``, ``macro_f1``, ``per_class`` {code: {precision, recall, f1, support}},
         ``errors``, ``in_ps_errors`` and ``confusion_matrix`` (rows actual, columns predicted).
     """
-    cm = confusion_matrix(actual, predicted).double()
-    tp = cm.diag()
-    precision = tp / cm.sum(0).clamp(min=1)
-    recall = tp / cm.sum(1).clamp(min=1)
-    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    cm = confusion_matrix(actual, predicted)
+    precision, recall, f1 = per_class_scores(actual, predicted)
+    accuracy = metrics.accuracy_score(actual.cpu().numpy(), predicted.cpu().numpy()) if len(actual) else 0.0
     return {
-        "accuracy": round((tp.sum() / cm.sum().clamp(min=1)).item(), 6),
-        "macro_f1": round(f1.mean().item(), 6),
-        "errors": int(cm.sum().item() - tp.sum().item()),
+        "accuracy": round(float(accuracy), 6),
+        "macro_f1": round(float(f1.mean()), 6),  # over all six classes, as f1_score(average="macro", labels=...)
+        "errors": int(cm.sum() - cm.diag().sum()),
         "in_ps_errors": in_ps_errors(cm),
         "per_class": {
-            c: {"precision": round(precision[i].item(), 6), "recall": round(recall[i].item(), 6),
-                "f1": round(f1[i].item(), 6), "support": int(cm[i].sum().item())}
+            c: {"precision": round(float(precision[i]), 6), "recall": round(float(recall[i]), 6),
+                "f1": round(float(f1[i]), 6), "support": int(cm[i].sum())}
             for i, c in enumerate(CLASSES)
         },
-        "confusion_matrix": cm.long().tolist(),
+        "confusion_matrix": cm.tolist(),
     }
 
 

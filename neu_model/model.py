@@ -1,4 +1,6 @@
-"""The model registry: ``build_model(name)`` over a small dict, as timm does.
+"""The model registry: ``build_model(name, **kwargs)`` over a small dict, as timm's
+``create_model`` does; the keyword arguments are the architecture knobs of params.yaml
+(``train.recipes.<model>.arch``).
 
 Every model takes float32 input of shape (N, 1, 200, 200) with pixels in [0, 1] and returns
 logits over ``CLASSES``; any normalisation lives inside the model, so a logged model needs no
@@ -7,13 +9,26 @@ preprocessing from its caller.
 
 from __future__ import annotations
 
-from typing import Callable
+import inspect
+import itertools
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.utils.flop_counter import FlopCounterMode
 
 from neu_model.config import CLASSES
+from neu_model.layers import (
+    Detrend,
+    MaxPool2x2,
+    ResidualBlock,
+    Standardize,
+    TrimmedPool2d,
+    conv_bn,
+    global_pool_layer,
+    quarters,
+)
 
 WIDTHS = (8, 16, 32, 64, 128, 256)  # DefectNet's channels per stage (100x100 down to 3x3): docs/model.md
 RESIDUAL_WIDTHS = (16, 24, 48, 96)
@@ -44,127 +59,12 @@ class SeedCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-def surface_basis(degree: int, h: int, w: int, dtype: torch.dtype = torch.float32,
-                  device: torch.device | str | None = None) -> torch.Tensor:
-    """The polynomial terms of degree ``degree`` in x and y on an h x w grid over [-1, 1]², as
-    columns of an (h*w, k) matrix. On a symmetric grid 1, x, y, x² - mean, y² - mean and xy are
-    mutually orthogonal, so projecting onto each column separately is the least-squares fit."""
-    ys = torch.linspace(-1, 1, h, dtype=dtype, device=device).view(h, 1).expand(h, w)
-    xs = torch.linspace(-1, 1, w, dtype=dtype, device=device).view(1, w).expand(h, w)
-    terms = [torch.ones_like(xs), xs, ys]
-    if degree == 2:
-        terms += [xs * xs - (xs * xs).mean(), ys * ys - (ys * ys).mean(), xs * ys]
-    return torch.stack([t.flatten() for t in terms], 1)
-
-
-class Detrend(nn.Module):
-    """Subtract each image's least-squares polynomial surface in x and y (degree 1: a plane; 2: a
-    quadric): the uneven light of a line camera, which per-image standardisation cannot remove.
-
-    A gradient across the strip inflates an image's standard deviation, so standardising it
-    shrinks the defect's contrast: the faint inclusions that were called pitted surfaces had the
-    largest standard deviation of their class, and rank mid-class once the surface is removed.
-    Large defects survive: patches are tens of pixels across, the surface spans the image.
-    Two small matrix products per batch (about 3 % of the batched inference speed; the same
-    projection as elementwise passes cost 9 %). The basis is precomputed for ``size`` x ``size``
-    inputs and built on the fly for any other shape or dtype.
-    """
-
-    def __init__(self, degree: int = 2, size: int = 100) -> None:
-        super().__init__()
-        if degree not in (1, 2):
-            raise ValueError(f"detrend degree {degree}: choose 1 or 2 (0 in the stem turns it off)")
-        self.degree = degree
-        # Not persistent: derived from degree and size, and checkpoints stay loadable across versions.
-        self.register_buffer("basis", surface_basis(degree, size, size), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        basis = self.basis
-        if basis.shape[0] != h * w or basis.dtype != x.dtype or basis.device != x.device:
-            basis = surface_basis(self.degree, h, w, x.dtype, x.device)
-        flat = x.reshape(x.shape[0], -1)
-        coef = flat @ (basis / (basis * basis).sum(0))
-        return (flat - coef @ basis.T).reshape(x.shape)
-
-
-class Standardize(nn.Module):
-    """Per-image zero mean, unit variance: removes brightness and contrast shifts of the line's lighting."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        std = x.std(dim=(1, 2, 3), keepdim=True)
-        return (x - mean) / (std + 1e-3)
-
-
-def quarters(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The four strided views of each 2x2 block (an odd last row or column is dropped, as pooling does)."""
-    h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
-    return x[..., 0:h:2, 0:w:2], x[..., 0:h:2, 1:w:2], x[..., 1:h:2, 0:w:2], x[..., 1:h:2, 1:w:2]
-
-
-class TrimmedPool2d(nn.Module):
-    """2x2 downsampling by the mean of the middle two of each block's four pixels.
-
-    Like average pooling it halves Gaussian noise's standard deviation (nearly), but one dust
-    speck, dead pixel or salt grain per block is dropped instead of smeared into the result.
-    Computed as (sum - max - min) / 2 over the four strided views of the input: elementwise ops
-    on quarter-size tensors. (Native max-pooling of a one-channel channels-last batch took 40 %
-    of the whole model's inference time.)
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b, c, d = quarters(x)
-        high = torch.maximum(torch.maximum(a, b), torch.maximum(c, d))
-        low = torch.minimum(torch.minimum(a, b), torch.minimum(c, d))
-        return (a + b + c + d - high - low) * 0.5
-
-
-class MaxPool2x2(nn.Module):
-    """2x2 max pooling, the same numbers as ``nn.MaxPool2d(2)``.
-
-    Without autograd it takes the maximum of the four strided views: 1.6x faster than the native
-    op on the 8-channel 100x100 maps of a channels-last batch (6.1 vs 10.0 ms for 64 images,
-    1 thread, quiet machine). With autograd it is the native op, whose backward is 4x faster
-    than the views'.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            return nn.functional.max_pool2d(x, 2)
-        a, b, c, d = quarters(x)
-        return torch.maximum(torch.maximum(a, b), torch.maximum(c, d))
-
-
-def conv_bn(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
-    """3x3 convolution, batch norm, ReLU."""
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
-        nn.BatchNorm2d(c_out),
-        nn.ReLU(inplace=True),
-    )
-
-
-class ResidualBlock(nn.Module):
-    """Two 3x3 conv-BN layers with an identity shortcut."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            conv_bn(channels, channels),
-            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(channels),
-        )
-        self.act = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(x + self.body(x))
-
-
 STEMS = ("trimmed", "avg")
+POOLS = ("max", "avg")
+FULL_RESOLUTION = ("none", "phases", "conv")
 
 
-def input_stem(stem: str, standardize: bool, detrend: int = 0) -> list[nn.Module]:
+def input_stem(stem: str, standardize: bool, detrend: int = 0, standardize_scale: str = "std") -> list[nn.Module]:
     """2x downsampling (trimmed mean or plain average), removal of a polynomial surface of degree
     ``detrend`` (0: none) and per-image standardisation."""
     if stem not in STEMS:
@@ -172,12 +72,55 @@ def input_stem(stem: str, standardize: bool, detrend: int = 0) -> list[nn.Module
     layers: list[nn.Module] = [TrimmedPool2d() if stem == "trimmed" else nn.AvgPool2d(2)]
     if detrend:
         layers.append(Detrend(detrend))
-    return layers + [Standardize()] if standardize else layers
+    return layers + [Standardize(standardize_scale)] if standardize else layers
 
 
-def pooled_head(width: int, num_classes: int, dropout: float) -> nn.Sequential:
-    """Global average pool, dropout, linear: the head is independent of where the defect sits."""
-    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(width, num_classes))
+class PixelPhases(nn.Module):
+    """The stem's output with the four full-resolution pixels of each 2x2 block as four more
+    channels (standardised per image like the stem's output, not detrended): what the 2x
+    downsampling drops, for the first convolution to use."""
+
+    def __init__(self, stem: list[nn.Module], norm: nn.Module) -> None:
+        super().__init__()
+        self.stem, self.norm = nn.Sequential(*stem), norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.stem(x), self.norm(torch.cat(quarters(x), 1))], 1)
+
+
+class FullResolutionConv(nn.Module):
+    """A 3x3 convolution of the stem's output plus a 4x4 stride-2 convolution of the
+    full-resolution image (standardised per image like the stem's output): the first layer sees
+    both scales at the stem's resolution."""
+
+    def __init__(self, stem: list[nn.Module], norm: nn.Module, width: int) -> None:
+        super().__init__()
+        self.stem, self.norm = nn.Sequential(*stem), norm
+        self.conv = nn.Conv2d(1, width, 3, padding=1, bias=False)
+        self.full = nn.Conv2d(1, width, 4, stride=2, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.stem(x)) + self.full(self.norm(x))
+
+
+def first_stage(stem: list[nn.Module], width: int, full_resolution: str, norm: nn.Module) -> list[nn.Module]:
+    """The stem and the first conv-BN-ReLU; ``full_resolution`` adds what the 2x stem drops
+    (``phases``: the four pixel phases as input channels, ``conv``: a 4x4 stride-2 convolution
+    of the full image), an ablation; ``none`` is the default."""
+    if full_resolution == "none":
+        return stem + [conv_bn(1, width)]
+    if full_resolution == "phases":
+        return [PixelPhases(stem, norm), conv_bn(5, width)]
+    if full_resolution == "conv":
+        return [FullResolutionConv(stem, norm, width), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+    raise ValueError(f"full_resolution {full_resolution!r}: choose one of {FULL_RESOLUTION}")
+
+
+def pooled_head(width: int, num_classes: int, dropout: float, global_pool: str = "avg") -> nn.Sequential:
+    """Global pool, dropout, linear: the head is independent of where the defect sits."""
+    pool = global_pool_layer(global_pool)
+    features = width * (2 if global_pool == "catavgmax" else 1)
+    return nn.Sequential(pool, nn.Flatten(), nn.Dropout(dropout), nn.Linear(features, num_classes))
 
 
 class DefectNet(nn.Module):
@@ -193,19 +136,34 @@ class DefectNet(nn.Module):
     (2.7 M MACs). Max pooling keeps the strongest response of a small, sparse defect (a pit, an
     inclusion) where strided convolutions and average pooling dilute it; global average pooling
     makes the head position-independent.
+
+    Args:
+        num_classes: Output logits.
+        widths: Channels per stage; one stage per entry, a 2x2 pool between stages.
+        dropout: Before the linear layer.
+        stem: ``trimmed`` or ``avg`` 2x downsampling of the input.
+        standardize: Per-image standardisation after the stem.
+        detrend: Degree of the polynomial surface removed after the stem (0: none, 1, 2).
+        standardize_scale: ``std`` or ``mad`` (mean absolute deviation) as the divisor.
+        pool: ``max`` or ``avg`` 2x2 pooling between stages.
+        global_pool: ``avg``, ``avgmax`` or ``catavgmax`` before the head.
+        full_resolution: ``none``, ``phases`` or ``conv``: see ``first_stage``.
     """
 
     def __init__(self, num_classes: int = len(CLASSES), widths: tuple[int, ...] = WIDTHS,
                  dropout: float = 0.2, stem: str = "trimmed", standardize: bool = True,
-                 detrend: int = 2) -> None:
+                 detrend: int = 2, standardize_scale: str = "std", pool: str = "max",
+                 global_pool: str = "avg", full_resolution: str = "none") -> None:
         super().__init__()
-        layers = input_stem(stem, standardize, detrend)
-        for i, (c_in, c_out) in enumerate(zip((1, *widths), widths)):
-            layers.append(conv_bn(c_in, c_out))
-            if i < len(widths) - 1:
-                layers.append(MaxPool2x2())
+        if pool not in POOLS:
+            raise ValueError(f"pool {pool!r}: choose one of {POOLS}")
+        norm = Standardize(standardize_scale) if standardize else nn.Identity()
+        layers = first_stage(input_stem(stem, standardize, detrend, standardize_scale), widths[0],
+                             full_resolution, norm)
+        for c_in, c_out in itertools.pairwise(widths):
+            layers += [MaxPool2x2() if pool == "max" else nn.AvgPool2d(2), conv_bn(c_in, c_out)]
         self.features = nn.Sequential(*layers)
-        self.head = pooled_head(widths[-1], num_classes, dropout)
+        self.head = pooled_head(widths[-1], num_classes, dropout, global_pool)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -213,22 +171,33 @@ class DefectNet(nn.Module):
 
 class ResidualDefectNet(nn.Module):
     """The previous default, kept for the ablations: stride-2 convolutions, each stage followed
-    by a residual block (16-24-48-96 channels, 27.9 M MACs), on the same input stem."""
+    by a residual block (16-24-48-96 channels, 27.9 M MACs), on the same input stem.
+
+    Args:
+        num_classes, widths, dropout, stem, standardize, detrend, standardize_scale, global_pool:
+            As for ``DefectNet`` (no detrending by default).
+        stem_conv: A stride-1 conv-BN-ReLU at the stem's 100x100 before the first stride-2
+            convolution, so the first layer sees the full stem output.
+    """
 
     def __init__(self, num_classes: int = len(CLASSES), widths: tuple[int, ...] = RESIDUAL_WIDTHS,
-                 dropout: float = 0.2, stem: str = "trimmed", standardize: bool = True) -> None:
+                 dropout: float = 0.2, stem: str = "trimmed", standardize: bool = True,
+                 detrend: int = 0, standardize_scale: str = "std", global_pool: str = "avg",
+                 stem_conv: bool = False) -> None:
         super().__init__()
-        layers = input_stem(stem, standardize) + [conv_bn(1, widths[0], stride=2)]
-        for c_in, c_out in zip(widths, widths[1:]):
+        layers = input_stem(stem, standardize, detrend, standardize_scale)
+        layers += [conv_bn(1, widths[0]), conv_bn(widths[0], widths[0], stride=2)] if stem_conv \
+            else [conv_bn(1, widths[0], stride=2)]
+        for c_in, c_out in itertools.pairwise(widths):
             layers += [conv_bn(c_in, c_out, stride=2), ResidualBlock(c_out)]
         self.features = nn.Sequential(*layers)
-        self.head = pooled_head(widths[-1], num_classes, dropout)
+        self.head = pooled_head(widths[-1], num_classes, dropout, global_pool)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
 
-MODELS: dict[str, Callable[[], nn.Module]] = {
+MODELS: dict[str, Callable[..., nn.Module]] = {
     "seed_cnn": SeedCNN,
     "defectnet": DefectNet,
     "defectnet_res": ResidualDefectNet,
@@ -247,7 +216,7 @@ def fuse_batchnorm(model: nn.Module) -> nn.Module:
         if not isinstance(module, nn.Sequential):
             continue
         names = list(module._modules)
-        for first, second in zip(names, names[1:]):
+        for first, second in itertools.pairwise(names):
             conv, norm = module._modules[first], module._modules[second]
             if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
                 module._modules[first] = fuse_conv_bn_eval(conv, norm)
@@ -255,34 +224,45 @@ def fuse_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
+def model_kwargs(name: str) -> tuple[str, ...] | None:
+    """The keyword arguments the constructor of registered model ``name`` takes; None when it
+    takes any (``**kwargs``: it checks them itself)."""
+    params = inspect.signature(MODELS[name]).parameters.values()
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return None
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
 def build_model(name: str, **kwargs) -> nn.Module:
-    """Instantiate a registered model by name; ``kwargs`` go to its constructor."""
+    """Instantiate a registered model by name; ``kwargs`` go to its constructor, as with timm's
+    ``create_model``: ``build_model("defectnet", detrend=0)``.
+
+    Raises:
+        ValueError: an unknown name, or a keyword the constructor does not take (the message
+            names the ones it takes).
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    allowed = model_kwargs(name)
+    unknown = sorted(set(kwargs) - set(allowed)) if allowed is not None else []
+    if unknown:
+        raise ValueError(f"model {name!r} takes no argument {', '.join(unknown)}; "
+                         f"its arguments are {', '.join(allowed) or 'none'}")
     return MODELS[name](**kwargs)
 
 
 def count_macs(model: nn.Module, image_size: int = 200) -> int:
-    """Multiply-accumulates of one forward pass on one image (convolutions and linear layers)."""
-    macs = 0
-
-    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        nonlocal macs
-        if isinstance(module, nn.Conv2d):
-            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
-            macs += output[0].numel() * k
-        elif isinstance(module, nn.Linear):
-            macs += module.in_features * module.out_features
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    """Multiply-accumulates of one forward pass on one image: every convolution and matrix
+    product (``Detrend``'s too), as ``torch.utils.flop_counter`` counts them (FLOPs / 2)."""
+    counter = FlopCounterMode(display=False)
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        model(torch.zeros(1, 1, image_size, image_size))
-    model.train(was_training)
-    for h in handles:
-        h.remove()
-    return macs
+    try:
+        with torch.no_grad(), counter:
+            model(torch.zeros(1, 1, image_size, image_size))
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() // 2
 
 
 def count_params(model: nn.Module) -> int:

@@ -1,108 +1,237 @@
-"""Classify images with a trained model: ``python -m neu_model.predict IMAGE_OR_FOLDER ...``.
+"""Classify steel-surface images: one CSV row per 200x200 tile, by the registry's champion or a saved model.
 
-Writes one CSV row per image (file, predicted class, confidence, needs_review, probability per
-class) to stdout or ``--out``. ``--model`` takes the local ``models/model.pt`` (default).
-``needs_review`` is true below params.yaml's ``review.below_confidence`` (or ``--review-below``).
+    neu-predict IMAGES_FOLDERS_OR_ARCHIVES ... [--out predictions.csv] [--model models/model.pt]
+    python -m neu_model.predict ...                                   (the same command)
+
+Inputs: image files (.bmp .png .jpg .tif, any bit depth; colour is read as luminance), folders
+(recursive) and .zip / .tar / .tar.gz archives, in any mix; archive members are named
+``<archive>:<member>``. An image larger than 200x200 is cut into tiles ``--stride`` pixels apart
+(default 200: side by side), the last row and column flush with its border.
+
+The CSV (stdout, or ``--out`` written atomically) has the columns
+``file,x,y,predicted,confidence,needs_review,p_Cr,p_In,p_Pa,p_PS,p_RS,p_Sc,error``: x, y are the
+tile's top-left pixel; a file that cannot be read gets one row whose ``error`` says why, and
+everything else is still scored. ``needs_review`` is true below ``review.below_confidence``
+(``--review-below``). ``--locate`` adds a ``boxes`` column.
+
+Exit status: 0 every file scored, 1 some files unreadable (their error rows), 2 a usage error
+(a missing path, a bad option, no model).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
+import importlib
+import json
 import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Sequence
 
+import numpy as np
 import pandas as pd
-import torch
 
-from neu_model.cli import StageError, add_review_arg, review_threshold, run_stage
-from neu_model.config import CLASSES
-from neu_model.data import decode_gray
-from neu_model.files import write_csv
-from neu_model.inference import MODEL_FILE, load_torch_model, predict_logits, select_device
+from neu_model.cli import StageError, add_review_arg, run_stage
+from neu_model.config import CLASSES, PARAMS_FILE, load_config
+from neu_model.files import atomic_path
+from neu_model.inference import Predictor
+from neu_model.model_source import load_default_predictor, load_predictor, probabilities
+from neu_model.predict_report import ImageReport
+from neu_model.reader import (
+    CSV_COLUMNS,
+    LOCATE_COLUMN,
+    TILE_SIZE,
+    Batch,
+    ReadError,
+    TileStream,
+    error_row,
+    with_progress,
+)
 
-IMAGE_SUFFIXES = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
+# The locate hook (neu_model.locate, when this build has it): per batch,
+# locate_tiles(tiles float32 (B, 1, H, W), predicted codes, predictor) -> per tile a sequence of
+# (x0, y0, x1, y1, score) in tile pixels; write_overlays(folder, batch, boxes in image pixels).
+LOCATE_MODULE, LOCATE_FUNCTION, OVERLAY_FUNCTION = "neu_model.locate", "locate_tiles", "write_overlays"
+
+Scored = tuple[Batch | ReadError, list[dict]]
 
 
-def find_images(paths: Sequence[Path]) -> list[Path]:
-    """Image files among ``paths``; folders are searched recursively, in sorted order."""
-    found: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-        elif p.is_file():
-            found.append(p)
+def tile_rows(batch: Batch, probs: np.ndarray, review_below: float) -> list[dict]:
+    """The CSV rows of one batch of tiles and its (B, classes) probabilities."""
+    confidence, best = probs.max(axis=1), probs.argmax(axis=1)
+    return [{"file": file, "x": batch.xs[i], "y": batch.ys[i], "predicted": CLASSES[best[i]],
+             "confidence": round(float(confidence[i]), 6), "needs_review": bool(confidence[i] < review_below),
+             **{f"p_{c}": round(float(probs[i, j]), 6) for j, c in enumerate(CLASSES)}, "error": ""}
+            for i, file in enumerate(batch.files)]
+
+
+def scored(items: Iterable[Batch | ReadError], model: Predictor, review_below: float) -> Iterator[Scored]:
+    """Each item of a TileStream with its rows: tiles classified by ``model``, errors as error rows."""
+    for item in items:
+        if isinstance(item, ReadError):
+            yield item, [error_row(item)]
         else:
-            raise StageError(f"{p}: no such file or folder; check the path")
-    if not found:
-        raise StageError(f"{', '.join(map(str, paths))}: no images found (.bmp, .png, .jpg, .tif)")
-    return found
+            yield item, tile_rows(item, probabilities(model, item.tiles.numpy()), review_below)
 
 
-def load_for_model(paths: Sequence[Path], size: int = 200) -> torch.Tensor:
-    """Decode images to uint8 (N, 1, size, size); other sizes are an error naming the file."""
-    arrays = []
-    for p in paths:
-        arr = decode_gray(p)
-        if arr.shape != (size, size):
-            raise StageError(f"{p}: image is {arr.shape[1]}x{arr.shape[0]}, the model takes {size}x{size}; "
-                             "crop or resize it")
-        arrays.append(torch.from_numpy(arr))
-    return torch.stack(arrays)[:, None]
-
-
-def predictions_frame(files: Sequence[str], probs: torch.Tensor, review_below: float) -> pd.DataFrame:
-    """One row per image: file, predicted, confidence, needs_review, p_<class> for every class.
-
-    Args:
-        review_below: ``needs_review`` is true where the confidence is below this.
-    """
-    conf, idx = probs.max(dim=1)
-    frame = pd.DataFrame({"file": list(files), "predicted": [CLASSES[i] for i in idx.tolist()],
-                          "confidence": conf.numpy().round(6),
-                          "needs_review": (conf < review_below).numpy()})
-    for j, c in enumerate(CLASSES):
-        frame[f"p_{c}"] = probs[:, j].numpy().round(6)
+def rows_frame(rows: Iterable[dict], columns: Sequence[str] = CSV_COLUMNS) -> pd.DataFrame:
+    """Rows as a DataFrame with typed columns: x, y nullable integers, probabilities floats (NaN on
+    error rows), so that ``to_csv`` writes what the streaming writer writes."""
+    frame = pd.DataFrame.from_records(list(rows), columns=list(columns))
+    for column in ("x", "y"):
+        frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("Int64")
+    for column in ["confidence", *(f"p_{c}" for c in CLASSES)]:
+        frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    frame["needs_review"] = frame["needs_review"].astype(bool)
     return frame
 
 
-def predict_files(paths: Sequence[Path], model_file: Path = MODEL_FILE, device: str = "auto",
-                  batch_size: int = 64, review_below: float | None = None) -> pd.DataFrame:
-    """Classify image files with a saved model.
+def score_inputs(inputs: Sequence[Path | str], model: Predictor, review_below: float, batch_size: int = 64,
+                 stride: int = TILE_SIZE) -> pd.DataFrame:
+    """Classify every tile of ``inputs`` (files, folders, .zip/.tar(.gz) archives) with ``model``.
 
     Args:
-        review_below: flag predictions less confident than this; default params.yaml's
-            ``review.below_confidence``.
+        model: anything with the pyfunc contract: float32 (N, 1, 200, 200) in [0, 1] in,
+            (N, 6) probabilities out (a registry model, ``model_source.load_predictor``'s).
+        review_below: ``needs_review`` marks the tiles less confident than this.
+
+    Returns:
+        One row per tile, one per unreadable file, in the columns of ``reader.CSV_COLUMNS``.
+
+    Raises:
+        StageError: a missing input, no images at all, or a model answering in another shape.
     """
-    review_below = review_threshold(review_below)
-    dev = select_device(device)
-    model, meta = load_torch_model(model_file, dev)
-    size = meta.get("config", {}).get("data", {}).get("image_size", 200)
-    images = find_images(paths)
-    probs = predict_logits(model, load_for_model(images, size), dev, batch_size).softmax(dim=1)
-    return predictions_frame([str(p) for p in images], probs, review_below)
+    stream = TileStream(list(inputs), batch_size=batch_size, stride=stride)
+    return rows_frame(row for _, rows in scored(with_progress(stream), model, review_below) for row in rows)
+
+
+def summarize(frame: pd.DataFrame, n_least: int = 10) -> dict:
+    """Tiles per predicted class (every class listed), how many need review (error rows
+    included), unreadable files, and the ``n_least`` least confident tiles."""
+    counts = frame["predicted"].value_counts()
+    least = frame.dropna(subset=["confidence"]).nsmallest(n_least, "confidence")[["file", "predicted", "confidence"]]
+    errors = int((frame["error"].fillna("") != "").sum()) if "error" in frame else 0
+    return {"n": len(frame), "counts": {c: int(counts.get(c, 0)) for c in CLASSES},
+            "needs_review": int(frame["needs_review"].sum()), "errors": errors,
+            "least_confident": least.to_dict("records")}
+
+
+def locate_hooks(overlays: bool) -> tuple[Callable, Callable | None]:
+    """The locate functions of this build.
+
+    Raises:
+        StageError: neu_model.locate is missing or lacks them (a usage error: exit status 2).
+    """
+    try:
+        module = importlib.import_module(LOCATE_MODULE)
+    except ImportError:
+        module = None
+    locate = getattr(module, LOCATE_FUNCTION, None)
+    overlay = getattr(module, OVERLAY_FUNCTION, None) if overlays else None
+    if locate is None or (overlays and overlay is None):
+        raise StageError(f"--{'overlays' if overlays else 'locate'} is not available in this build")
+    return locate, overlay
+
+
+def add_boxes(batch: Batch, rows: list[dict], model: Predictor, locate: Callable, overlay: Callable | None,
+              overlay_dir: Path | None) -> None:
+    """Fill the ``boxes`` column of ``rows``: JSON ``[[x0, y0, x1, y1, score], ...]`` in image pixels."""
+    found = locate(batch.tiles.numpy(), [r["predicted"] for r in rows], model)
+    in_image = [[[float(x0) + x, float(y0) + y, float(x1) + x, float(y1) + y, round(float(score), 4)]
+                 for x0, y0, x1, y1, score in boxes]
+                for boxes, x, y in zip(found, batch.xs, batch.ys, strict=True)]
+    for row, boxes in zip(rows, in_image, strict=True):
+        row[LOCATE_COLUMN] = json.dumps(boxes)
+    if overlay is not None:
+        overlay(overlay_dir, batch, in_image)
+
+
+@contextlib.contextmanager
+def csv_sink(out: Path | None, columns: Sequence[str]) -> Iterator[csv.DictWriter]:
+    """A CSV writer with its header written: to stdout, or to ``out`` through a temporary file
+    renamed when the block ends without an error (rows stream out; none are held)."""
+    if out is None:
+        writer = csv.DictWriter(sys.stdout, columns, lineterminator="\n")
+        writer.writeheader()
+        yield writer
+        sys.stdout.flush()
+        return
+    with atomic_path(out) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, columns, lineterminator="\n")
+        writer.writeheader()
+        yield writer
+
+
+def positive_int(text: str) -> int:
+    """``argparse`` type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
+def stride_arg(text: str) -> int:
+    """``argparse`` type of ``--stride``: pixels from 1 to the tile size."""
+    value = positive_int(text)
+    if value > TILE_SIZE:
+        raise argparse.ArgumentTypeError(f"{value} is above the tile size {TILE_SIZE}: pixels between tiles "
+                                         "would never be seen")
+    return value
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
-    parser.add_argument("--model", type=Path, default=MODEL_FILE, help="saved model (default models/model.pt)")
-    parser.add_argument("--out", type=Path, help="write the CSV here instead of stdout")
-    parser.add_argument("--device", default="auto")
+    parser = argparse.ArgumentParser(prog="neu-predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", type=Path, help="image files, folders, .zip or .tar(.gz) archives")
+    parser.add_argument("--model", help="a models:/ URI, a models/model.pt file or an exported .onnx file "
+                                        "(default: models:/<register.model_name>@champion)")
+    parser.add_argument("--runtime", default="auto", help="what runs the model (default auto: its own runtime)")
+    parser.add_argument("--device", default="auto", help="for .pt models: auto, cpu, cuda, mps (default auto)")
+    parser.add_argument("--out", type=Path, help="write the CSV here (atomically) instead of stdout")
+    parser.add_argument("--stride", type=stride_arg, help=f"pixels between tiles, 1 to {TILE_SIZE} "
+                                                          "(default 200)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="tiles per model call (default 64)")
+    parser.add_argument("--map", type=Path, metavar="DIR", help="write a strip map PNG here for every image "
+                                                                "larger than one tile")
+    parser.add_argument("--locate", action="store_true", help="add a boxes column: where each tile's defect is")
+    parser.add_argument("--overlays", type=Path, metavar="DIR", help="draw the boxes on the images here "
+                                                                     "(implies --locate)")
+    parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="params file (default: params.yaml)")
     add_review_arg(parser)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; returns the number of unreadable files."""
     args = get_args_parser().parse_args(argv)
-    frame = predict_files(args.inputs, args.model, args.device, review_below=args.review_below)
-    if args.out:
-        write_csv(frame, args.out)
-        print(f"wrote {len(frame)} predictions to {args.out}; {int(frame['needs_review'].sum())} need review",
-              file=sys.stderr)
-    else:
-        sys.stdout.write(frame.to_csv(index=False))
+    locate, overlay = locate_hooks(bool(args.overlays)) if args.locate or args.overlays else (None, None)
+    cfg = load_config(args.params)
+    review_below = cfg.review.below_confidence if args.review_below is None else args.review_below
+    stream = TileStream(args.inputs, batch_size=args.batch_size, stride=args.stride or TILE_SIZE,
+                        keep_images=args.map is not None)
+    model = load_predictor(args.model, args.runtime, args.device) if args.model else load_default_predictor()
+    columns = [*CSV_COLUMNS, LOCATE_COLUMN] if locate else list(CSV_COLUMNS)
+    report = ImageReport(args.map)
+    with csv_sink(args.out, columns) as sink:
+        for item, rows in scored(with_progress(stream), model, review_below):
+            if locate and isinstance(item, Batch):
+                add_boxes(item, rows, model, locate, overlay, args.overlays)
+            report.add(item, rows)
+            sink.writerows(rows)
+    report.close(args.out)
+    return report.errors
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    """The ``neu-predict`` console script: exit status 0 all scored, 1 unreadable files, 2 usage errors."""
+    unreadable: list[int] = []
+    status = run_stage(lambda a: unreadable.append(main(a)), argv)
+    return status or (1 if unreadable and unreadable[0] else 0)
 
 
 if __name__ == "__main__":
-    sys.exit(run_stage(main))
+    sys.exit(cli())

@@ -278,15 +278,18 @@ def merge_shards(parts: Mapping[int, pd.DataFrame]) -> pd.DataFrame:
 
 
 def expand_inputs(inputs: Sequence[Path | str]) -> list[Path]:
-    """The inputs with folders replaced by their images, in the order ``neu_model.score.score`` reads them.
+    """The inputs with folders replaced by their images, in the order the reader reads them
+    (``neu_model.inputs``: the same walk, so the same names). Archives and single files stay as
+    they are: an archive is scored whole, by one worker.
 
-    Archives and single images stay as they are: an archive is scored whole, by one worker.
+    Raises:
+        StageError: an input that does not exist (before any shard starts).
     """
-    from neu_model import score as scoring  # its own folder search, so that the names match
+    from neu_model import inputs as reading
 
     expanded: list[Path] = []
-    for path in map(Path, inputs):
-        expanded += [path] if scoring.is_archive(path) or path.is_file() else scoring.find_images([path])
+    for path in reading.check_inputs(inputs):
+        expanded += list(reading.walk_images(path)) if path.is_dir() else [path]
     return expanded
 
 

@@ -57,22 +57,24 @@ def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     return optimizers[recipe.optimizer](groups, lr=recipe.lr)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-step learning-rate factor: constant, or linear warm-up then cosine decay (``onecycle``)."""
+def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning rate per step (the scheduler steps once per batch): constant, or (``onecycle``)
+    ``(step + 1) / warmup`` times the lr over the first ``warmup_epochs``, then a cosine from
+    the full lr to 0 over the remaining steps."""
+    schedulers = torch.optim.lr_scheduler
+    if recipe.schedule == "constant":
+        return schedulers.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if recipe.schedule != "onecycle":
+        raise StageError(f"params.yaml: schedule {recipe.schedule!r} unknown; use constant or onecycle")
     total = max(1, recipe.epochs * steps_per_epoch)
     warmup = recipe.warmup_epochs * steps_per_epoch
-
-    def factor(step: int) -> float:
-        if recipe.schedule == "constant":
-            return 1.0
-        if step < warmup:
-            return (step + 1) / warmup
-        progress_ = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
-
-    if recipe.schedule not in ("constant", "onecycle"):
-        raise StageError(f"params.yaml: schedule {recipe.schedule!r} unknown; use constant or onecycle")
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if warmup == 0:
+        return schedulers.CosineAnnealingLR(optimizer, T_max=total)
+    # LinearLR is at start_factor on step 0 and at 1 on step total_iters: (step + 1) / warmup.
+    ramp = schedulers.LinearLR(optimizer, start_factor=1 / warmup, end_factor=1.0, total_iters=warmup - 1)
+    cosine = schedulers.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
+    return schedulers.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
 
 
 def loss_fn(logits: torch.Tensor, target: torch.Tensor, recipe: Recipe) -> torch.Tensor:
@@ -173,7 +175,10 @@ def train(cfg: Config, split_file: Path = SPLIT_FILE, image_dir: Path | None = N
              len(train_set), len(val_set), recipe.epochs)
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.train.model)
+    try:
+        model = build_model(cfg.train.model, **recipe.arch)
+    except (TypeError, ValueError) as exc:  # a value of the wrong type or out of range
+        raise StageError(f"params.yaml: train.recipes.{cfg.train.model}.arch: {exc}") from None
     macs, params = count_macs(model, cfg.data.image_size), count_params(model)
     model = model.to(device, memory_format=memory_format(device))
     optimizer = make_optimizer(model, recipe)
@@ -209,7 +214,8 @@ def train(cfg: Config, split_file: Path = SPLIT_FILE, image_dir: Path | None = N
             # Without a validation part there is nothing to select on: the end of the schedule is the model.
             if not len(val_set) or state["best_score"] is None or score > tuple(state["best_score"]):
                 state["best_score"] = list(score)
-                state["best"] = {"epoch": epoch + 1, "state_dict": {k: v.detach().cpu().clone() for k, v in scored.state_dict().items()}}
+                weights = {k: v.detach().cpu().clone() for k, v in scored.state_dict().items()}
+                state["best"] = {"epoch": epoch + 1, "state_dict": weights}
             state["epoch"] = epoch + 1
             log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  %.1fs (%.0f img/s)",
                      epoch + 1, recipe.epochs, tr.loss, tr.accuracy, va.loss, va.accuracy, tr.seconds,
@@ -232,7 +238,10 @@ def train(cfg: Config, split_file: Path = SPLIT_FILE, image_dir: Path | None = N
             "train_images_per_second": round(len(train_set) * len(history) / train_seconds, 1),
             "params": params, "macs": macs,
         }
-        torch_save({"model_name": cfg.train.model, "state_dict": best["state_dict"], "classes": list(CLASSES),
+        # model_args: what build_model needs to rebuild this variant (lists: plain data to load).
+        model_args = {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.arch.items()}
+        torch_save({"model_name": cfg.train.model, "model_args": model_args,
+                    "state_dict": best["state_dict"], "classes": list(CLASSES),
                     "config": cfg.to_dict(), "git_sha": git_sha, "git_dirty": provenance.git_dirty(),
                     "dataset_version": dataset_version,
                     "summary": summary}, model_file)

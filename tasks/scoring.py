@@ -8,9 +8,11 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from neu_model import score as scoring
 from neu_model import sweep
 from neu_model.files import write_csv
+from neu_model.inputs import NoImagesError
+from neu_model.model_source import load_pyfunc_model
+from neu_model.predict import rows_frame, score_inputs, summarize
 from tasks.retry import retry_if_transient
 
 
@@ -20,15 +22,15 @@ from tasks.retry import retry_if_transient
 def load_champion(model_uri: str, tracking_uri: str):
     """Load the model behind ``model_uri`` from ``tracking_uri`` (a registry call, hence the retries)."""
     get_run_logger().info("loading %s from %s", model_uri, tracking_uri)
-    return scoring.load_pyfunc_model(model_uri, tracking_uri)
+    return load_pyfunc_model(model_uri, tracking_uri)
 
 
 @task(name="score-images", cache_policy=NO_CACHE, timeout_seconds=3600)
 def score_images(inputs: list[str], model, out: str, review_below: float) -> dict:
     """Score ``inputs``, write the predictions CSV to ``out``; returns the summary."""
-    frame = scoring.score([Path(p) for p in inputs], model, review_below)
+    frame = score_inputs([Path(p) for p in inputs], model, review_below)
     write_csv(frame, Path(out))
-    summary = scoring.summarize(frame)
+    summary = summarize(frame)
     get_run_logger().info("scored %d images into %s: %s; %d need review", summary["n"], out, summary["counts"],
                           summary["needs_review"])
     return summary
@@ -51,16 +53,25 @@ def pin_model_version(model_uri: str, tracking_uri: str) -> str:
 def score_shard(inputs: list[str], model_uri: str, tracking_uri: str, review_below: float):
     """Load the model in this worker and score one shard of the inputs; returns its predictions frame."""
     model = load_champion.fn(model_uri, tracking_uri)
-    frame = scoring.score([Path(p) for p in inputs], model, review_below)
-    get_run_logger().info("scored %d images from %d inputs", len(frame), len(inputs))
+    try:
+        frame = score_inputs([Path(p) for p in inputs], model, review_below)
+    except NoImagesError:
+        frame = rows_frame([])  # e.g. an empty archive: other shards may have images (write_scores checks)
+    get_run_logger().info("scored %d tiles from %d inputs", len(frame), len(inputs))
     return frame
 
 
 @task(name="write-scores", cache_policy=NO_CACHE, timeout_seconds=600)
-def write_scores(frame, out: str) -> dict:
-    """Write the merged predictions CSV to ``out``; returns the summary."""
+def write_scores(frame, out: str, inputs: list[str]) -> dict:
+    """Write the merged predictions CSV to ``out``; returns the summary.
+
+    Raises:
+        NoImagesError: no shard found an image, as one worker would have said.
+    """
+    if frame.empty:
+        raise NoImagesError(f"{', '.join(inputs)}: no images found (.bmp, .png, .jpg, .tif)")
     write_csv(frame, Path(out))
-    summary = scoring.summarize(frame)
+    summary = summarize(frame)
     get_run_logger().info("wrote %d predictions to %s: %s; %d need review", summary["n"], out, summary["counts"],
                           summary["needs_review"])
     return summary

@@ -4,7 +4,13 @@ import dataclasses
 
 import pytest
 
-from neu_model.config import DATA_SOURCE_ENV, ConfigError, from_dict, load_config, load_raw
+from neu_model.config import (
+    DATA_SOURCE_ENV,
+    ConfigError,
+    from_dict,
+    load_config,
+    load_raw,
+)
 
 
 def test_params_file_loads_into_frozen_config():
@@ -59,3 +65,36 @@ def test_resolved_config_round_trips():
 def test_missing_params_file_is_one_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="params file not found"):
         load_raw(tmp_path / "params.yaml")
+
+
+def test_arch_is_read_only_with_lists_as_tuples():
+    cfg = load_config(overrides=["train.recipes.defectnet.arch.widths=[4, 8, 16]",
+                                 "train.recipes.defectnet.arch.detrend=0"])
+    arch = cfg.train.recipe.arch
+    assert arch["widths"] == (4, 8, 16) and arch["detrend"] == 0 and arch["stem"] == "trimmed"
+    with pytest.raises(TypeError):
+        arch["detrend"] = 2  # type: ignore[index]
+    assert cfg.to_dict()["train"]["recipes"]["defectnet"]["arch"]["widths"] == [4, 8, 16]
+    assert from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("model,key", [("defectnet", "depth"), ("defectnet_res", "full_resolution"),
+                                       ("seed_cnn", "dropout")])
+def test_unknown_arch_key_is_refused_naming_the_allowed_ones(model, key):
+    raw = load_raw()
+    raw["train"]["recipes"][model]["arch"][key] = 1
+    allowed = "none" if model == "seed_cnn" else "widths, dropout, stem"
+    with pytest.raises(ConfigError, match=rf"train.recipes.{model}.arch.{key}: {model} takes no argument "
+                                          rf"'{key}'; allowed: {allowed}"):
+        from_dict(raw)
+
+
+def test_arch_key_missing_from_params_cannot_be_set():
+    with pytest.raises(ConfigError, match="no key 'train.recipes.seed_cnn.arch.widths'"):
+        load_config(overrides=["train.recipes.seed_cnn.arch.widths=[8]"])
+
+
+def test_recipe_without_arch_means_the_constructor_defaults():
+    raw = load_raw()
+    del raw["train"]["recipes"]["defectnet"]["arch"]
+    assert dict(from_dict(raw).train.recipes["defectnet"].arch) == {}

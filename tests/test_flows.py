@@ -28,6 +28,7 @@ import pytest
 from neu_model import orchestrate
 from neu_model.config import CLASSES, load_config
 from neu_model.download import RETRY_DELAYS
+from neu_model.reader import CSV_COLUMNS
 
 from conftest import FIXTURE_IMAGES, make_project
 
@@ -207,7 +208,7 @@ def test_scoring_flow_scores_an_archive_with_the_champion(first_run, tmp_path):
     state = scoring_flow([str(archive)], out=str(tmp_path / "scores.csv"), project=str(project), return_state=True)
     assert state.is_completed(), state.message
     frame = pd.read_csv(tmp_path / "scores.csv")
-    assert list(frame.columns) == ["file", "predicted", "confidence", "needs_review", *[f"p_{c}" for c in CLASSES]]
+    assert list(frame.columns) == list(CSV_COLUMNS)
     assert len(frame) == 30 and frame["file"].iloc[0].startswith(f"{archive}:NEU-CLS/")
     summary = flow_artifacts(state)["neu-scoring-summary"].data
     assert "Least confident" in summary and "images scored: 30" in summary
@@ -230,11 +231,11 @@ class Uniform:
 
 
 def test_score_reads_folders_and_archives(tmp_path):
-    from neu_model.score import score, summarize
+    from neu_model.predict import score_inputs, summarize
 
     archive = tmp_path / "b.zip"
     archive.write_bytes(fixture_zip())
-    frame = score([FIXTURE_IMAGES, archive], Uniform(), review_below=0.45, batch_size=16)
+    frame = score_inputs([FIXTURE_IMAGES, archive], Uniform(), review_below=0.45, batch_size=16)
     assert len(frame) == 60 and frame["file"].iloc[-1].startswith(f"{archive}:NEU-CLS/")
     summary = summarize(frame, n_least=2)
     assert summary["counts"] == {"Cr": 4, "In": 0, "Pa": 0, "PS": 0, "RS": 0, "Sc": 56}  # batches of 16

@@ -44,7 +44,7 @@ def imported_modules(code: str) -> set[str]:
     return {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
 
 
-@pytest.mark.parametrize("module", ["neu_model.predict", "neu_model.inference", "neu_model.score"])
+@pytest.mark.parametrize("module", ["neu_model.predict", "neu_model.inference", "neu_model.model_source"])
 def test_inference_loads_no_training_code_mlflow_or_matplotlib(module):
     loaded = imported_modules(f"import {module}")
     assert module in loaded and "torch" in loaded  # the report was read

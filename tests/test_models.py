@@ -1,10 +1,12 @@
-"""Every registered model: output shape, finite values, gradients, cost figures."""
+"""Every registered model: output shape, finite values, gradients, cost figures, architecture knobs."""
+
+import inspect
 
 import pytest
 import torch
 
-from neu_model.config import CLASSES
-from neu_model.model import MODELS, build_model, count_macs, count_params
+from neu_model.config import ARCH_KWARGS, CLASSES, load_config
+from neu_model.model import MODELS, build_model, count_macs, count_params, model_kwargs
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -34,6 +36,92 @@ def test_seed_cnn_matches_the_public_baseline():
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="unknown model"):
         build_model("nope")
+
+
+def test_unknown_keyword_names_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"'defectnet' takes no argument depth; its arguments are num_classes, widths"):
+        build_model("defectnet", depth=3)
+    with pytest.raises(ValueError, match="takes no argument widths; its arguments are num_classes$"):
+        build_model("seed_cnn", widths=(8, 16))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_config_table_lists_each_constructors_arguments(name):
+    assert ARCH_KWARGS[name] == tuple(k for k in model_kwargs(name) if k != "num_classes")
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_params_arch_holds_the_constructor_defaults(name):
+    """So the params.yaml default builds exactly the model the constructor builds by itself."""
+    arch = load_config().train.recipes[name].arch
+    defaults = {k: p.default for k, p in inspect.signature(MODELS[name]).parameters.items() if k != "num_classes"}
+    assert dict(arch) == defaults
+    torch.manual_seed(0)
+    plain = build_model(name).state_dict()
+    torch.manual_seed(0)
+    configured = build_model(name, **arch).state_dict()
+    assert plain.keys() == configured.keys() and all(torch.equal(plain[k], configured[k]) for k in plain)
+
+
+# Every ablation the README and docs/model.md describe, as arch arguments.
+ABLATIONS = [
+    ("defectnet", {"detrend": 0}), ("defectnet", {"detrend": 1}), ("defectnet", {"stem": "avg"}),
+    ("defectnet", {"standardize": False}), ("defectnet", {"standardize_scale": "mad"}),
+    ("defectnet", {"widths": (16, 16, 32, 64, 128, 256)}), ("defectnet", {"pool": "avg"}),
+    ("defectnet", {"global_pool": "avgmax"}), ("defectnet", {"global_pool": "catavgmax"}),
+    ("defectnet", {"full_resolution": "phases"}), ("defectnet", {"full_resolution": "conv"}),
+    ("defectnet_res", {"stem_conv": True}), ("defectnet_res", {"detrend": 2}),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", ABLATIONS, ids=[f"{n}-{k}" for n, k in ABLATIONS])
+def test_every_ablation_builds_a_different_working_model(name, kwargs):
+    torch.manual_seed(0)
+    model = build_model(name, **kwargs)
+    x = torch.rand(2, 1, 200, 200, generator=torch.Generator().manual_seed(1))
+    out = model(x)
+    assert out.shape == (2, len(CLASSES)) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    model.eval()
+    torch.manual_seed(0)
+    default = build_model(name).eval()
+    layout = {k: v.shape for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        if layout == {k: v.shape for k, v in default.state_dict().items()}:
+            default.load_state_dict(model.state_dict())  # the same weights: only the knob differs
+        assert not torch.allclose(model(x), default(x))
+
+
+@pytest.mark.parametrize("kwargs,match", [({"stem": "median"}, "stem 'median'"), ({"pool": "min"}, "pool 'min'"),
+                                          ({"detrend": 3}, "choose 1 or 2"), ({"global_pool": "max"}, "global_pool"),
+                                          ({"standardize_scale": "iqr"}, "scale 'iqr'"),
+                                          ({"full_resolution": "all"}, "full_resolution 'all'")])
+def test_a_bad_knob_value_is_refused_by_name(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build_model("defectnet", **kwargs)
+
+
+def test_seed_cnn_macs_counted_by_hand():
+    convs = 32 * 1 * 25 * 196**2 + 64 * 32 * 25 * 61**2 + 128 * 64 * 25 * 16**2  # 5x5, no padding; 3x3 pools
+    assert count_macs(build_model("seed_cnn")) == convs + 3200 * 512 + 512 * 256 + 256 * len(CLASSES)
+
+
+def test_macs_include_detrends_two_matrix_products():
+    with_detrend, without = count_macs(build_model("defectnet")), count_macs(build_model("defectnet", detrend=0))
+    assert with_detrend - without == 2 * 100 * 100 * 6  # (1 x 10^4) @ (10^4 x 6), then (1 x 6) @ (6 x 10^4)
+    assert with_detrend - count_macs(build_model("defectnet", detrend=1)) == 2 * 100 * 100 * 3
+
+
+def test_mad_standardisation_scales_by_the_mean_absolute_deviation():
+    from neu_model.layers import Standardize
+
+    x = torch.rand(3, 1, 20, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 5
+    out = Standardize("mad")(x)
+    mad = out.abs().mean(dim=(1, 2, 3))
+    assert torch.allclose(out.mean(dim=(1, 2, 3)), torch.zeros(3, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(mad, torch.ones(3, dtype=torch.float64), atol=1e-3)  # up to the 1e-3 guard
+    assert not torch.allclose(Standardize("std")(x), out)
 
 
 def test_trimmed_pool_is_the_mean_of_the_middle_two_and_drops_one_outlier_per_block():

@@ -1,59 +1,198 @@
-"""The predict command: CSV of probabilities; one-line errors for bad input."""
+"""neu-predict on real fixture images: tiles, bit depths, bad files, archives, maps, exit status, model choice."""
 
+from __future__ import annotations
+
+import io
 import shutil
 import subprocess
 import sys
+import tarfile
+import zipfile
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from neu_model.cli import StageError
-from neu_model.config import ROOT, load_config
-from neu_model.predict import predict_files
+from neu_model.config import CLASSES, ROOT, load_config
+from neu_model.model_source import load_predictor
+from neu_model.predict import cli, score_inputs, summarize
+from neu_model.reader import CSV_COLUMNS
 
 from conftest import FIXTURE_IMAGES
 
+PROBS = [f"p_{c}" for c in CLASSES]
+GRID = [["Cr_1", "In_1", "Pa_1"], ["PS_1", "RS_1", "Sc_1"]]  # the 3x2 mosaic, row by row
 
-def test_predicts_a_folder(tiny_model):
-    frame = predict_files([FIXTURE_IMAGES], tiny_model, device="cpu")
-    assert len(frame) == 30
-    probs = frame[[f"p_{c}" for c in ("Cr", "In", "Pa", "PS", "RS", "Sc")]]
+
+def gray(name: str) -> np.ndarray:
+    return np.asarray(Image.open(FIXTURE_IMAGES / f"{name}.bmp"))
+
+
+def predict(capsys, model: Path, *args: str) -> tuple[int, pd.DataFrame, str]:
+    """Run the command in this process; its exit status, CSV (from stdout) and stderr."""
+    status = cli(["--model", str(model), "--device", "cpu", *map(str, args)])
+    out, err = capsys.readouterr()
+    frame = pd.read_csv(io.StringIO(out), keep_default_na=False) if out else pd.DataFrame()
+    return status, frame, err
+
+
+def mosaic(path: Path) -> Path:
+    Image.fromarray(np.vstack([np.hstack([gray(n) for n in row]) for row in GRID])).save(path)
+    return path
+
+
+def test_a_folder_gives_one_row_per_image_with_the_csv_contract(tiny_model, capsys):
+    status, frame, err = predict(capsys, tiny_model, FIXTURE_IMAGES)
+    assert status == 0, err
+    assert list(frame.columns) == list(CSV_COLUMNS) and len(frame) == 30
+    assert (frame[["x", "y"]] == 0).all().all() and (frame["error"] == "").all()
+    probs = frame[PROBS].astype(float)
     assert ((probs.sum(axis=1) - 1).abs() < 1e-4).all()
-    assert (frame["confidence"] == probs.max(axis=1)).all()
-    threshold = load_config().review.below_confidence  # the default
-    assert (frame["needs_review"] == (frame["confidence"] < threshold)).all()
+    assert (frame["predicted"] == probs.idxmax(axis=1).str[2:]).all()
+    threshold = load_config().review.below_confidence
+    assert (frame["needs_review"].astype(str) == (frame["confidence"].astype(float) < threshold).astype(str)).all()
+    assert err.strip().splitlines()[-1].startswith("scored 30 images, 30 tiles: ")
 
 
-def test_review_threshold_flags_the_less_confident(tiny_model):
-    frame = predict_files([FIXTURE_IMAGES], tiny_model, device="cpu", review_below=0.0)
-    assert not frame["needs_review"].any()
-    middle = float(frame["confidence"].median())
-    flagged = predict_files([FIXTURE_IMAGES], tiny_model, device="cpu", review_below=middle)["needs_review"]
-    assert list(flagged) == list(frame["confidence"] < middle) and 0 < flagged.sum() < len(frame)
+def test_16_bit_copies_get_the_predictions_of_their_8_bit_originals(tiny_model, tmp_path, capsys):
+    names = [n for row in GRID for n in row]
+    for name in names:
+        shutil.copy(FIXTURE_IMAGES / f"{name}.bmp", tmp_path / f"{name}.bmp")
+        Image.fromarray(gray(name).astype(np.uint16) * 257).save(tmp_path / f"{name}_16.png")
+    status, frame, err = predict(capsys, tiny_model, tmp_path)
+    assert status == 0, err
+    frame["name"] = frame["file"].map(lambda f: Path(f).stem.removesuffix("_16"))
+    originals = frame[frame["file"].str.endswith(".bmp")].set_index("name")
+    copies = frame[frame["file"].str.endswith("_16.png")].set_index("name").loc[originals.index]
+    assert len(copies) == len(names)
+    assert list(copies["predicted"]) == list(originals["predicted"])
+    np.testing.assert_allclose(copies[PROBS].astype(float), originals[PROBS].astype(float), atol=1e-5)
 
 
-def test_wrong_size_names_the_file(tiny_model, tmp_path):
-    Image.new("L", (100, 100)).save(tmp_path / "small.bmp")
-    with pytest.raises(StageError, match="small.bmp.*100x100"):
-        predict_files([tmp_path], tiny_model, device="cpu")
-
-
-def test_cli_writes_csv_and_fails_cleanly(tiny_model, tmp_path):
+def test_bad_files_become_error_rows_and_exit_1(tiny_model, tmp_path, capsys):
     shutil.copy(FIXTURE_IMAGES / "Sc_1.bmp", tmp_path / "Sc_1.bmp")
-    cmd = [sys.executable, "-m", "neu_model.predict", "--model", str(tiny_model), "--device", "cpu"]
-    ok = subprocess.run([*cmd, str(tmp_path), "--out", str(tmp_path / "p.csv")], cwd=ROOT, capture_output=True,
-                        text=True)
-    assert ok.returncode == 0, ok.stderr
-    assert list(pd.read_csv(tmp_path / "p.csv")["file"]) == [str(tmp_path / "Sc_1.bmp")]
-    bad = subprocess.run([*cmd, str(tmp_path / "missing")], cwd=ROOT, capture_output=True, text=True)
-    assert bad.returncode == 2
-    assert bad.stderr.strip().startswith("error:") and "Traceback" not in bad.stderr
-    assert len(bad.stderr.strip().splitlines()) == 1
+    (tmp_path / "notes.bmp").write_text("not an image, whatever its name says\n")
+    Image.new("L", (100, 100)).save(tmp_path / "small.png")
+    status, frame, err = predict(capsys, tiny_model, tmp_path)
+    assert status == 1
+    rows = frame.set_index(frame["file"].map(lambda f: Path(f).name))
+    assert rows.loc["Sc_1.bmp", "error"] == "" and rows.loc["Sc_1.bmp", "predicted"] in CLASSES
+    assert "not an image file" in rows.loc["notes.bmp", "error"]
+    assert "100x100, smaller than the 200x200" in rows.loc["small.png", "error"]
+    for bad in ("notes.bmp", "small.png"):
+        assert rows.loc[bad, "predicted"] == "" and str(rows.loc[bad, "needs_review"]) == "True"
+        assert f"{bad}: unreadable: " in err
+    assert "2 unreadable files (error rows)" in err.splitlines()[-1]
 
 
-def test_cli_refuses_a_review_threshold_that_is_no_confidence(tiny_model, tmp_path):
-    cmd = [sys.executable, "-m", "neu_model.predict", "--model", str(tiny_model), str(FIXTURE_IMAGES)]
-    bad = subprocess.run([*cmd, "--review-below", "70"], cwd=ROOT, capture_output=True, text=True)
-    assert bad.returncode == 2 and "--review-below: '70' is not a confidence in [0, 1]" in bad.stderr
-    assert "Traceback" not in bad.stderr
+def test_a_mosaic_gives_its_tiles_at_their_grid_positions(tiny_model, tmp_path, capsys):
+    status, frame, err = predict(capsys, tiny_model, mosaic(tmp_path / "strip.png"), "--batch-size", "4")
+    assert status == 0, err
+    assert [(r.x, r.y) for r in frame.itertuples()] == [(x, y) for y in (0, 200) for x in (0, 200, 400)]
+    # each tile alone, straight through the model: the same class and probabilities
+    model = load_predictor(tiny_model, device="cpu")
+    for row in frame.itertuples():
+        tile = gray(GRID[row.y // 200][row.x // 200])[None, None] / np.float32(255)
+        alone = model.predict(tile)[0]
+        assert row.predicted == CLASSES[int(alone.argmax())]
+        np.testing.assert_allclose([float(getattr(row, p)) for p in PROBS], alone, atol=1e-5)
+    assert "strip.png: 6 tiles: " in err
+
+
+def test_stride_overlaps_the_tiles(tiny_model, tmp_path, capsys):
+    status, frame, _ = predict(capsys, tiny_model, mosaic(tmp_path / "strip.png"), "--stride", "100")
+    assert status == 0
+    assert [(r.x, r.y) for r in frame.itertuples()] == [(x, y) for y in (0, 100, 200) for x in range(0, 401, 100)]
+    with pytest.raises(SystemExit) as usage:
+        cli(["--stride", "300", str(FIXTURE_IMAGES)])
+    assert usage.value.code == 2 and "above the tile size 200" in capsys.readouterr().err
+
+
+def test_map_draws_every_image_larger_than_a_tile(tiny_model, tmp_path, capsys):
+    folder = tmp_path / "in line 1"
+    folder.mkdir()
+    mosaic(folder / "strip 1.png")
+    shutil.copy(FIXTURE_IMAGES / "Cr_1.bmp", folder / "Cr_1.bmp")
+    status, frame, err = predict(capsys, tiny_model, folder, "--map", tmp_path / "maps")
+    assert status == 0, err
+    [drawn] = (tmp_path / "maps").iterdir()  # none for the single-tile image
+    assert drawn.name.endswith("in_line_1_strip_1.png") and f"map {drawn}" in err
+    with Image.open(drawn) as png:
+        assert png.format == "PNG" and png.width == 600 and png.height > 400  # the legend under the image
+
+
+def test_archive_members_are_named_archive_colon_member(tiny_model, tmp_path, capsys):
+    with zipfile.ZipFile(tmp_path / "day1.zip", "w") as zf:
+        zf.write(FIXTURE_IMAGES / "Cr_1.bmp", "line1/Cr_1.bmp")
+    with tarfile.open(tmp_path / "day2.tar.gz", "w:gz") as tf:
+        tf.add(FIXTURE_IMAGES / "Sc_1.bmp", "line2/Sc_1.bmp")
+    status, frame, err = predict(capsys, tiny_model, tmp_path / "day1.zip", tmp_path / "day2.tar.gz")
+    assert status == 0, err
+    assert list(frame["file"]) == [f"{tmp_path / 'day1.zip'}:line1/Cr_1.bmp",
+                                   f"{tmp_path / 'day2.tar.gz'}:line2/Sc_1.bmp"]
+
+
+def test_out_file_matches_the_scoring_functions_frame(tiny_model, tmp_path, capsys):
+    inputs = [FIXTURE_IMAGES / "Cr_1.bmp", mosaic(tmp_path / "strip.png")]
+    (tmp_path / "bad.bmp").write_bytes(b"")
+    status = cli(["--model", str(tiny_model), "--device", "cpu", "--review-below", "0.5", "--out",
+                  str(tmp_path / "p.csv"), *map(str, inputs), str(tmp_path / "bad.bmp")])
+    assert status == 1 and "wrote " in capsys.readouterr().err
+    frame = score_inputs([*inputs, tmp_path / "bad.bmp"], load_predictor(tiny_model, device="cpu"), 0.5)
+    assert (tmp_path / "p.csv").read_text() == frame.to_csv(index=False)
+    summary = summarize(frame)
+    assert summary["n"] == 8 and summary["errors"] == 1 and sum(summary["counts"].values()) == 7
+
+
+def test_review_threshold_flags_the_less_confident(tiny_model, capsys):
+    _, frame, _ = predict(capsys, tiny_model, FIXTURE_IMAGES, "--review-below", "0")
+    assert (frame["needs_review"].astype(str) == "False").all()
+    middle = float(frame["confidence"].astype(float).median())
+    _, flagged, _ = predict(capsys, tiny_model, FIXTURE_IMAGES, "--review-below", str(middle))
+    expected = frame["confidence"].astype(float) < middle
+    assert list(flagged["needs_review"].astype(str) == "True") == list(expected) and 0 < expected.sum() < len(frame)
+
+
+def test_usage_errors_exit_2_with_one_line(tiny_model, tmp_path, capsys):
+    cmd = [sys.executable, "-m", "neu_model.predict", "--model", str(tiny_model), str(tmp_path / "missing")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and not done.stdout
+    assert done.stderr.strip() == f"error: {tmp_path / 'missing'}: no such file or folder; check the path"
+    with pytest.raises(SystemExit) as usage:
+        cli([str(FIXTURE_IMAGES), "--review-below", "70"])
+    assert usage.value.code == 2 and "'70' is not a confidence in [0, 1]" in capsys.readouterr().err
+    assert cli(["--model", str(tiny_model), str(FIXTURE_IMAGES), "--locate"]) == 2
+    assert capsys.readouterr() == ("", "error: --locate is not available in this build\n")
+
+
+def test_default_champion_without_a_store_says_how_to_get_a_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'none' / 'mlflow.db'}")
+    assert cli([str(FIXTURE_IMAGES)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: models:/neu-defect-classifier@champion: no MLflow store")
+    assert "make pipeline" in err and "--model models/model.pt" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "none").exists()  # no empty store was created
+
+
+def test_exported_model_is_refused_until_its_runtime_is_wired(tmp_path, capsys):
+    (tmp_path / "model.onnx").write_bytes(b"onnx")
+    assert cli(["--model", str(tmp_path / "model.onnx"), str(FIXTURE_IMAGES)]) == 2
+    assert "model.onnx: exported models are not supported by neu-predict yet" in capsys.readouterr().err
+
+
+def test_locate_hook_fills_the_boxes_column(tiny_model, tmp_path, capsys, monkeypatch):
+    """The seam neu_model.locate plugs into: boxes come back in image pixels, one JSON list per tile."""
+    import types
+
+    hook = types.ModuleType("neu_model.locate")
+    hook.locate_tiles = lambda tiles, predicted, model: [[(10, 20, 50, 60, 0.9)] for _ in predicted]
+    monkeypatch.setitem(sys.modules, "neu_model.locate", hook)
+    status, frame, _ = predict(capsys, tiny_model, mosaic(tmp_path / "strip.png"), "--locate")
+    assert status == 0 and list(frame.columns) == [*CSV_COLUMNS, "boxes"]
+    assert frame["boxes"].iloc[-1] == "[[410.0, 220.0, 450.0, 260.0, 0.9]]"  # the tile at (400, 200)
+    assert cli(["--model", str(tiny_model), "--overlays", str(tmp_path), str(FIXTURE_IMAGES)]) == 2
+    assert "--overlays is not available in this build" in capsys.readouterr().err
+
+

@@ -6,6 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
+from neu_model.cli import StageError
+from neu_model.model import build_model
 from neu_model.train import train
 
 from conftest import die_in_epoch, tiny_config
@@ -19,6 +21,9 @@ def _train(ws, out, cfg, split=None):
 def test_outputs_are_loadable_and_complete(tiny_model):
     saved = torch.load(tiny_model, weights_only=True)
     assert saved["model_name"] == "defectnet"
+    assert saved["model_args"] == saved["config"]["train"]["recipes"]["defectnet"]["arch"]
+    assert saved["model_args"]["widths"] == [8, 16, 32, 64, 128, 256]  # lists, as plain data
+    build_model(saved["model_name"], **saved["model_args"]).load_state_dict(saved["state_dict"])
     assert saved["classes"] == ["Cr", "In", "Pa", "PS", "RS", "Sc"]
     assert saved["config"]["train"]["model"] == "defectnet"
     assert len(saved["git_sha"]) in (40, 7) or saved["git_sha"] == "unknown"
@@ -113,13 +118,32 @@ def test_changed_config_does_not_resume(tiny_data, tmp_path):
 def test_checkpoint_of_another_model_layout_does_not_resume(tiny_data, tmp_path, monkeypatch):
     from neu_model import model
 
-    monkeypatch.setitem(model.MODELS, "defectnet", lambda: model.DefectNet(detrend=0))
+    monkeypatch.setitem(model.MODELS, "defectnet", lambda **kwargs: model.DefectNet(**kwargs | {"detrend": 0}))
     _train(tiny_data, tmp_path, tiny_config())  # leaves a checkpoint of the layout without Detrend
     monkeypatch.undo()
     _train(tiny_data, tmp_path, tiny_config())  # same config, the current layout: starts afresh
     assert list(pd.read_csv(tmp_path / "log.csv")["epoch"]) == [1]
     saved = torch.load(tmp_path / "model.pt", weights_only=True)
     model.build_model("defectnet").load_state_dict(saved["state_dict"])
+
+
+def test_arch_override_trains_and_saves_that_variant(tiny_data, tmp_path):
+    cfg = tiny_config("train.recipes.defectnet.arch.widths=[4, 8, 16]", "train.recipes.defectnet.arch.detrend=0")
+    summary = _train(tiny_data, tmp_path, cfg)
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert saved["model_args"]["widths"] == [4, 8, 16] and saved["model_args"]["detrend"] == 0
+    variant = build_model("defectnet", **saved["model_args"])
+    variant.load_state_dict(saved["state_dict"])
+    assert not any(type(m).__name__ == "Detrend" for m in variant.modules())
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        build_model("defectnet").load_state_dict(saved["state_dict"])
+    assert summary["params"] < 5000  # three small stages, not the default's 395 k
+
+
+def test_bad_arch_value_stops_before_training(tiny_data, tmp_path):
+    with pytest.raises(StageError, match=r"train.recipes.defectnet.arch: stem 'median': choose one of"):
+        _train(tiny_data, tmp_path, tiny_config("train.recipes.defectnet.arch.stem=median"))
+    assert not (tmp_path / "ckpt.pt").exists() and not (tmp_path / "model.pt").exists()
 
 
 @pytest.mark.gpu

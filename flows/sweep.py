@@ -27,8 +27,8 @@ from prefect.futures import wait
 from flows.runners import dask_runner, threads_per_trial, workers_report_here
 from flows.sweep_report import sweep_markdown, table_rows
 from neu_model import orchestrate, sweep_mlflow, sweep_workspace
-from neu_model.cli import disable_telemetry, tracking_uri
-from neu_model.config import load_config
+from neu_model.cli import StageError, disable_telemetry, tracking_uri
+from neu_model.config import ConfigError, load_config
 from neu_model.sweep import Sweep, choose_best, load_sweep, table, trial_row, with_seed_means
 from tasks import sweep as sweep_tasks
 
@@ -148,6 +148,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     disable_telemetry()
     args = get_args_parser().parse_args(argv)
+    try:  # a bad sweep file is a one-line error before any flow, cluster or MLflow run starts
+        load_sweep(args.sweep_file, ROOT / "params.yaml", args.select, args.goal)
+    except (StageError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     state = run(str(Path(args.sweep_file).resolve()), args.workers, args.address,
                 data_source=args.data_source, select=args.select, goal=args.goal, workdir=args.workdir,
                 keep_workspaces=args.keep_workspaces, **({"threads": args.threads} if args.threads else {}))

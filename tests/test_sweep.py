@@ -87,6 +87,15 @@ def test_a_bad_sweep_file_is_refused_naming_the_file(tmp_path, text, message):
     assert str(error.value).startswith(f"{path}: ")
 
 
+def test_the_command_refuses_a_bad_sweep_file_in_one_line_before_any_flow(tmp_path, capsys):
+    from flows.sweep import main
+
+    path = write_sweep(tmp_path, "grid: {train.nope: [1, 2]}")
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {path}: trial ") and "no key 'train.nope'" in err[0]
+
+
 # ---------------------------------------------------------------- fast: the table and the best trial
 
 def summary(val: float | None, test: float, seconds: float = 10.0) -> dict:

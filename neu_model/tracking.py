@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -38,6 +39,7 @@ from neu_model.lineage import read_dvc, split_inputs
 log = logging.getLogger("neu_model.tracking")
 
 RUN_FILE = Path("reports/run.json")
+PARENT_RUN_ENV = "NEU_MLFLOW_PARENT_RUN_ID"
 RUN_KEY_TAG = "neu.run_key"
 
 
@@ -232,7 +234,9 @@ def train_run(cfg: Config, *, key: str, device: torch.device, split_file: Path, 
         run = TrainRun(client, run_id, exp_id)
         log.info("continuing MLflow run %s", run_id)
     else:
-        created = client.create_run(exp_id, run_name=f"{cfg.train.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+        parent = os.environ.get(PARENT_RUN_ENV)  # a sweep trial: nested under the sweep's run
+        created = client.create_run(exp_id, run_name=f"{cfg.train.model}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                    tags={"mlflow.parentRunId": parent} if parent else None)
         run = TrainRun(client, created.info.run_id, exp_id)
         config = cfg.to_dict()
         params = flatten(config) | flatten({"recipe": config["train"]["recipes"][cfg.train.model]})

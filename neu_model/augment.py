@@ -1,11 +1,17 @@
-"""Training augmentation, applied to whole batches in memory.
+"""Training augmentation, applied to whole batches on the batch's device (CPU or GPU).
 
 ``robust`` draws from the same corruption family as the robustness suite (at random
 severities, never the suite's fixed images), plus the symmetries of a steel texture:
 flips, some 90-degree turns and shifted crops.
 
 The corruptions are vectorised over the batch (one call per corruption and batch); the
-geometry is a cheap view per image of a once-padded batch.
+geometry is a cheap view per image of a once-padded batch on the CPU, one gather on a GPU.
+
+Every random choice (which image, which corruption, how strong, where) is drawn from the CPU
+generator ``gen``, whatever the device: a GPU batch gets the same choices as on the CPU, moved
+without waiting for the device. Only the pixel noise (Gaussian noise, dots, salt and pepper) is
+drawn on the batch's device, from ``noise_gen``; on the CPU that is ``gen`` itself, so the CPU
+output is what it was before the GPU path existed, bit for bit (tests/test_augment.py).
 """
 
 from __future__ import annotations
@@ -16,6 +22,11 @@ import torch.nn.functional as F
 from neu_model import corruptions as C
 
 AUGMENTS = ("none", "geometric", "robust", "robust_one")
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor of random choices on ``device`` without a host synchronisation (a no-op on the CPU)."""
+    return t.to(device, non_blocking=True)
 
 
 def geometric(x: torch.Tensor, gen: torch.Generator, pad: int = 16, turn_probability: float = 0.5) -> torch.Tensor:
@@ -29,11 +40,14 @@ def geometric(x: torch.Tensor, gen: torch.Generator, pad: int = 16, turn_probabi
     """
     n, c, h, w = x.shape
     odds = torch.tensor([0.5, 0.5, turn_probability])  # flip rows, flip columns, transpose
-    flips = (torch.rand(n, 3, generator=gen) < odds).tolist()
-    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen).tolist()
+    flips = torch.rand(n, 3, generator=gen) < odds
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen)
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    if x.device.type != "cpu":
+        return gather_views(padded, to_device(offsets, x.device), to_device(flips, x.device), h, w)
     out = torch.empty_like(x)
-    for i, ((row, col), (flip_rows, flip_cols, transpose)) in enumerate(zip(offsets, flips, strict=True)):
+    for i, ((row, col), (flip_rows, flip_cols, transpose)) in enumerate(
+            zip(offsets.tolist(), flips.tolist(), strict=True)):
         view = padded[i, :, row:row + h, col:col + w]
         dims = [d for d, flip in ((-2, flip_rows), (-1, flip_cols)) if flip]
         if dims:
@@ -42,6 +56,24 @@ def geometric(x: torch.Tensor, gen: torch.Generator, pad: int = 16, turn_probabi
             view = view.transpose(-1, -2)
         out[i] = view
     return out
+
+
+def gather_views(padded: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``geometric``'s per-image views as one gather (what a GPU wants: a few kernels instead of
+    two per image): output pixel (r, c) of image i is the padded pixel at (row_i + fr(p),
+    col_i + fc(q)), with (p, q) = (c, r) when turned, else (r, c), and fr, fc reversing a
+    flipped axis. The same pixels as the per-image views, on any device."""
+    n = padded.shape[0]
+    device = padded.device
+    rows = torch.arange(h, device=device).view(1, h, 1).expand(n, h, w)
+    cols = torch.arange(w, device=device).view(1, 1, w).expand(n, h, w)
+    flip_rows, flip_cols, turn = (flips[:, k].view(n, 1, 1) for k in range(3))
+    turn = turn & (h == w)
+    p, q = torch.where(turn, cols, rows), torch.where(turn, rows, cols)
+    p = torch.where(flip_rows, h - 1 - p, p) + offsets[:, 0].view(n, 1, 1)
+    q = torch.where(flip_cols, w - 1 - q, q) + offsets[:, 1].view(n, 1, 1)
+    image = torch.arange(n, device=device).view(n, 1, 1)
+    return padded.permute(0, 2, 3, 1)[image, p, q].permute(0, 3, 1, 2).contiguous()
 
 
 def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
@@ -62,7 +94,17 @@ def _severities(gen: torch.Generator) -> tuple:
     )
 
 
-def photometric(x: torch.Tensor, gen: torch.Generator, p: float = 0.3) -> torch.Tensor:
+def _corrupt(x: torch.Tensor, idx: torch.Tensor, corruption, severity, noise_gen: torch.Generator) -> None:
+    """Corrupt the images ``idx`` of ``x`` in place, each at a severity drawn now (on the CPU)."""
+    strength = severity(len(idx))
+    if isinstance(strength, torch.Tensor):
+        strength = to_device(strength, x.device)
+    idx = to_device(idx, x.device)
+    x[idx] = corruption(x[idx], strength, noise_gen)
+
+
+def photometric(x: torch.Tensor, gen: torch.Generator, p: float = 0.3,
+                noise_gen: torch.Generator | None = None) -> torch.Tensor:
     """Each corruption hits a random ``p`` of the batch, each image at its own random severity.
 
     Only the picked images are computed on, which keeps this cheaper than the model's step.
@@ -72,11 +114,12 @@ def photometric(x: torch.Tensor, gen: torch.Generator, p: float = 0.3) -> torch.
     for corruption, severity in _severities(gen):
         idx = (torch.rand(n, generator=gen) < p).nonzero().flatten()
         if len(idx):
-            x[idx] = corruption(x[idx], severity(len(idx)), gen)
+            _corrupt(x, idx, corruption, severity, noise_gen or gen)
     return x
 
 
-def photometric_one(x: torch.Tensor, gen: torch.Generator, p: float = 0.75) -> torch.Tensor:
+def photometric_one(x: torch.Tensor, gen: torch.Generator, p: float = 0.75,
+                    noise_gen: torch.Generator | None = None) -> torch.Tensor:
     """A random ``p`` of the batch gets exactly one corruption (uniformly chosen, random severity);
     the rest stays clean, so every batch mixes clean and corrupted images."""
     n = x.shape[0]
@@ -87,7 +130,7 @@ def photometric_one(x: torch.Tensor, gen: torch.Generator, p: float = 0.75) -> t
     for k, (corruption, severity) in enumerate(steps):
         idx = (hit & (pick == k)).nonzero().flatten()
         if len(idx):
-            x[idx] = corruption(x[idx], severity(len(idx)), gen)
+            _corrupt(x, idx, corruption, severity, noise_gen or gen)
     return x
 
 
@@ -98,14 +141,14 @@ def roll_marks(x: torch.Tensor, gen: torch.Generator, p: float) -> torch.Tensor:
     of strip, so they say nothing of the defect."""
     n, _, h, w = x.shape
     x = x.clone()
-    cols = torch.arange(w, dtype=x.dtype)
+    cols = torch.arange(w, dtype=x.dtype, device=x.device)
     for i in (torch.rand(n, generator=gen) < p).nonzero().flatten().tolist():
         for _ in range(int(torch.randint(1, 4, (1,), generator=gen))):
             half_width = float(_uniform(1, 1.0, 3.0, gen))
             centre = float(_uniform(1, 0, w - 1, gen))
             depth = float(_uniform(1, 0.04, 0.20, gen))
             across = (1 - (cols - centre).abs() / half_width).clamp(min=0).view(1, w)
-            knots = _uniform(5, 0.4, 1.0, gen).view(1, 1, 5)
+            knots = to_device(_uniform(5, 0.4, 1.0, gen), x.device).view(1, 1, 5)
             along = F.interpolate(knots, size=h, mode="linear", align_corners=True).view(h, 1)
             x[i] *= 1 - depth * along * across
     return x
@@ -113,10 +156,16 @@ def roll_marks(x: torch.Tensor, gen: torch.Generator, p: float) -> torch.Tensor:
 
 def augment(
     x: torch.Tensor, kind: str, gen: torch.Generator, turn_probability: float = 0.5, roll_mark_share: float = 0.0,
+    noise_gen: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Augment a float batch in [0, 1] on the CPU according to the recipe's ``augment`` setting;
+    """Augment a float batch in [0, 1], on its device, according to the recipe's ``augment`` setting;
     ``turn_probability`` is the share of images turned by 90 degrees (0.5: all eight symmetries
-    of the square equally likely) and ``roll_mark_share`` the share given faint roll marks first."""
+    of the square equally likely) and ``roll_mark_share`` the share given faint roll marks first.
+
+    Args:
+        gen: a CPU generator: every random choice.
+        noise_gen: a generator on the batch's device for the pixel noise; None: ``gen`` (a CPU batch).
+    """
     if kind not in AUGMENTS:
         raise ValueError(f"unknown augment {kind!r}; choose one of {AUGMENTS}")
     if kind == "none":
@@ -126,7 +175,7 @@ def augment(
         x = roll_marks(x, gen, roll_mark_share)
     x = geometric(x, gen, turn_probability=turn_probability)
     if kind == "robust":
-        return photometric(x, gen)
+        return photometric(x, gen, noise_gen=noise_gen)
     if kind == "robust_one":
-        return photometric_one(x, gen)
+        return photometric_one(x, gen, noise_gen=noise_gen)
     return x

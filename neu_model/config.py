@@ -98,6 +98,10 @@ class TrainConfig:
     device: str
     num_threads: int
     recipes: Mapping[str, Recipe]
+    # Several processes (torchrun): batch statistics over all ranks' images (CUDA only); False: per rank.
+    sync_batchnorm: bool = False
+    # Above this size (train + val images as uint8) the images are memory-mapped from a packed file.
+    memory_budget_mb: int = 2048
 
     @property
     def recipe(self) -> Recipe:
@@ -213,6 +217,11 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
             if not 0 <= getattr(recipe, key) <= 1:
                 raise ConfigError(f"train.recipes.{name}.{key}={getattr(recipe, key)} must be a share "
                                   "of the training images, in [0, 1]")
+    if not isinstance(cfg.train.sync_batchnorm, bool):
+        raise ConfigError(f"train.sync_batchnorm={cfg.train.sync_batchnorm!r} must be true or false")
+    if type(cfg.train.memory_budget_mb) is not int or cfg.train.memory_budget_mb < 0:  # bool is no size
+        raise ConfigError(f"train.memory_budget_mb={cfg.train.memory_budget_mb!r} must be a whole number of "
+                          "megabytes >= 0 (0: always memory-map the images)")
     if not 0 <= cfg.review.below_confidence <= 1:
         raise ConfigError(f"review.below_confidence={cfg.review.below_confidence} must be in [0, 1] "
                           "(0 flags nothing, 1 flags everything)")

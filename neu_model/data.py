@@ -1,12 +1,13 @@
 """Reading the manifest and split, and holding the images in memory.
 
 The whole set is 72 MB as uint8, so it is decoded once per stage and kept as one tensor
-instead of being re-read from disk every epoch.
+instead of being re-read from disk every epoch. A training set beyond ``train.memory_budget_mb``
+is memory-mapped from one packed file instead (``neu_model.packed``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -31,7 +32,7 @@ class ImageSet:
 
     Attributes:
         files: file names, in row order.
-        images: uint8 tensor of shape (N, 1, H, W).
+        images: uint8 tensor of shape (N, 1, H, W), in memory or memory-mapped.
         labels: int64 class indices into ``CLASSES``.
     """
 
@@ -41,6 +42,11 @@ class ImageSet:
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def to(self, device: torch.device | str) -> ImageSet:
+        """The set with its images and labels on ``device`` (itself when they are there already):
+        a GPU then gathers its batches without a copy from the host."""
+        return replace(self, images=self.images.to(device), labels=self.labels.to(device))
 
 
 def read_csv(path: Path, columns: Sequence[str], fix: str) -> pd.DataFrame:

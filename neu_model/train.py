@@ -4,14 +4,17 @@ Writes the last epoch's weights (the best-on-validation ones when ``split.val_fr
 out a validation part) to ``models/model.pt``, per-epoch curves to
 ``reports/train_log.csv`` and a summary to ``reports/train_metrics.json``. A checkpoint is
 written atomically after every epoch; a killed run resumes from it and ends with the same
-weights as an uninterrupted one.
+weights as an uninterrupted one. On several processes (``neu_model.distributed``) every rank
+trains and rank 0 alone validates, writes and logs.
 
     python -m neu_model.train [--set train.model=seed_cnn] [--set train.device=cpu]
+    torchrun --nproc-per-node=2 -m neu_model.train      # one process per GPU (docs/distributed-training.md)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import logging
 import math
@@ -31,11 +34,13 @@ from neu_model import provenance, tracking
 from neu_model.augment import augment
 from neu_model.cli import StageError, run_stage
 from neu_model.config import CLASSES, Config, Recipe, add_config_args, load_config
-from neu_model.data import MANIFEST, SPLIT_FILE, ImageSet, load_split, to_float
+from neu_model.data import IMAGE_DIR, MANIFEST, SPLIT_FILE, ImageSet, to_float
+from neu_model.distributed import Context, NoRun, prepare, rank_loss, rank_seed, session, shard, wrap
 from neu_model.figures import curves_figure
 from neu_model.files import sha256_file, torch_save, write_csv, write_json
 from neu_model.inference import MODEL_FILE, memory_format, predict_logits, select_device
 from neu_model.model import build_model, count_macs, count_params
+from neu_model.packed import fit_sets
 from neu_model.progress import progress
 
 log = logging.getLogger("neu_model.train")
@@ -77,12 +82,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe,
     return schedulers.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
 
 
-def loss_fn(logits: torch.Tensor, target: torch.Tensor, recipe: Recipe) -> torch.Tensor:
-    """Cross-entropy, or the baseline's MSE between softmax output and one-hot targets."""
+def loss_fn(logits: torch.Tensor, target: torch.Tensor, recipe: Recipe, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy, or the baseline's MSE between softmax output and one-hot targets (an image's
+    loss: the mean over the classes); the mean or (``reduction="sum"``) the sum over the images."""
     if recipe.loss == "mse":
         one_hot = F.one_hot(target, logits.shape[1]).float()
-        return F.mse_loss(logits.float().softmax(dim=1), one_hot)
-    return F.cross_entropy(logits.float(), target, label_smoothing=recipe.label_smoothing)
+        loss = F.mse_loss(logits.float().softmax(dim=1), one_hot, reduction=reduction)
+        return loss if reduction == "mean" else loss / logits.shape[1]
+    return F.cross_entropy(logits.float(), target, label_smoothing=recipe.label_smoothing, reduction=reduction)
 
 
 def epoch_order(n: int, recipe: Recipe, seed: int, epoch: int) -> torch.Tensor:
@@ -107,41 +114,49 @@ def make_ema(model: nn.Module, recipe: Recipe) -> AveragedModel | None:
 
 def train_one_epoch(model: nn.Module, data: ImageSet, recipe: Recipe, optimizer: torch.optim.Optimizer,
                     scheduler, device: torch.device, seed: int, epoch: int,
-                    ema: AveragedModel | None = None) -> EpochStats:
-    """One pass over the training images; randomness depends only on (seed, epoch) so a resume is exact."""
+                    ema: AveragedModel | None = None, ctx: Context | None = None) -> EpochStats:
+    """One pass over the training images (this rank's share of each batch under torchrun);
+    randomness depends only on (seed, epoch, rank) so a resume is exact. Nothing waits for the
+    device before the epoch's end: the losses and hits stay on it and are read once."""
+    ctx = ctx or Context(device)
     model.train()
-    torch.manual_seed(seed * 1000 + epoch)  # dropout
-    gen = torch.Generator().manual_seed(seed * 1000 + epoch + 7919)  # augmentation
-    order = epoch_order(len(data), recipe, seed, epoch)
+    torch.manual_seed(rank_seed(seed * 1000 + epoch, ctx.rank))  # dropout
+    augment_seed = rank_seed(seed * 1000 + epoch + 7919, ctx.rank)
+    gen = torch.Generator().manual_seed(augment_seed)  # augmentation's choices
+    noise_gen = None if device.type == "cpu" else torch.Generator(device).manual_seed(augment_seed)
+    order = epoch_order(len(data), recipe, seed, epoch).to(data.images.device)
     use_amp = device.type == "cuda"
-    total_loss, correct, start = 0.0, 0, time.perf_counter()
+    losses, hits, scales, start = [], [], [], time.perf_counter()
     batches = range(0, len(order), recipe.batch_size)
-    for i in progress(batches, desc=f"epoch {epoch + 1}/{recipe.epochs}", unit="batch"):
-        idx = order[i: i + recipe.batch_size]
-        x = augment(to_float(data.images[idx]), recipe.augment, gen, recipe.turn_probability, recipe.roll_mark_share)
-        x = x.to(device, non_blocking=True)
-        y = data.labels[idx].to(device, non_blocking=True)
+    for i in progress(batches, desc=f"epoch {epoch + 1}/{recipe.epochs}", unit="batch") if ctx.is_main else batches:
+        part = shard(order[i: i + recipe.batch_size], ctx)
+        x = to_float(data.images[part.idx].to(device, non_blocking=True))
+        x = augment(x, recipe.augment, gen, recipe.turn_probability, recipe.roll_mark_share, noise_gen)
+        y = data.labels[part.idx].to(device, non_blocking=True)
         x = x.contiguous(memory_format=memory_format(device))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             logits = model(x)
-        loss = loss_fn(logits, y, recipe)
+        loss = rank_loss(loss_fn(logits, y, recipe, "sum"), part) if ctx.distributed else loss_fn(logits, y, recipe)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
         if ema is not None:
-            ema.update_parameters(model)
-        total_loss += loss.item() * len(idx)
-        correct += (logits.argmax(1) == y).sum().item()
+            ema.update_parameters(getattr(model, "module", model))  # the network inside DDP's wrapper
+        losses.append(loss.detach())
+        hits.append((logits.argmax(1) == y).sum() * part.real)
+        scales.append(part.scale)
+    total_loss = sum(v * s for v, s in zip(torch.stack(losses).tolist(), scales, strict=True))
+    total_loss, correct = ctx.all_sum([total_loss, int(torch.stack(hits).sum())])
     return EpochStats(total_loss / len(data), correct / len(data), time.perf_counter() - start)
 
 
 def evaluate(model: nn.Module, data: ImageSet, recipe: Recipe, device: torch.device) -> EpochStats:
     """Loss and accuracy on held-out images."""
     start = time.perf_counter()
-    logits = predict_logits(model, data.images, device)
-    loss = loss_fn(logits, data.labels, recipe).item()
-    acc = (logits.argmax(1) == data.labels).float().mean().item()
+    logits, labels = predict_logits(model, data.images, device), data.labels.cpu()
+    loss = loss_fn(logits, labels, recipe).item()
+    acc = (logits.argmax(1) == labels).float().mean().item()
     return EpochStats(loss, acc, time.perf_counter() - start)
 
 
@@ -155,20 +170,23 @@ def run_key(cfg: Config, split_file: Path, model: nn.Module) -> str:
 
 def train(cfg: Config, split_file: Path = SPLIT_FILE, image_dir: Path | None = None,
           model_file: Path = MODEL_FILE, checkpoint_file: Path = CHECKPOINT_FILE,
-          log_file: Path = TRAIN_LOG, metrics_file: Path = TRAIN_METRICS, manifest: Path = MANIFEST) -> dict:
+          log_file: Path = TRAIN_LOG, metrics_file: Path = TRAIN_METRICS, manifest: Path = MANIFEST,
+          ctx: Context | None = None) -> dict:
     """Train, checkpoint every epoch, keep the best-on-validation weights (with no validation
-    part, ``split.val_fraction: 0``, the last epoch's).
+    part, ``split.val_fraction: 0``, the last epoch's). ``ctx``: this process's rank under
+    torchrun (``distributed.session``); None: one process on ``train.device``.
 
     Returns:
-        The training summary written to ``metrics_file``.
+        The training summary written to ``metrics_file``; an empty dict on the ranks other than 0.
     """
     recipe = cfg.train.recipe
-    tracking.connect()  # an MLflow store that does not answer fails here, not after training
-    device = select_device(cfg.train.device)
+    ctx = ctx or Context(select_device(cfg.train.device))
+    if ctx.is_main:  # the other ranks never open the store
+        tracking.connect()  # an MLflow store that does not answer fails here, not after training
+    device = ctx.device
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
-    kwargs = {"split_file": split_file} | ({"image_dir": image_dir} if image_dir else {})
-    train_set, val_set = load_split("train", **kwargs), load_split("val", **kwargs)
+    train_set, val_set = fit_sets(cfg, split_file, image_dir or IMAGE_DIR, manifest, ctx)
     if not len(train_set):
         raise StageError(f"{split_file}: no training images; run the split stage on a larger set")
     log.info("model %s on %s: %d train / %d val images, %d epochs", cfg.train.model, device,
@@ -180,7 +198,7 @@ def train(cfg: Config, split_file: Path = SPLIT_FILE, image_dir: Path | None = N
     except (TypeError, ValueError) as exc:  # a value of the wrong type or out of range
         raise StageError(f"params.yaml: train.recipes.{cfg.train.model}.arch: {exc}") from None
     macs, params = count_macs(model, cfg.data.image_size), count_params(model)
-    model = model.to(device, memory_format=memory_format(device))
+    model = prepare(model, ctx, cfg.train.sync_batchnorm).to(device, memory_format=memory_format(device))
     optimizer = make_optimizer(model, recipe)
     scheduler = make_scheduler(optimizer, recipe, math.ceil(len(train_set) / recipe.batch_size))
     ema = make_ema(model, recipe)
@@ -197,15 +215,21 @@ def train(cfg: Config, split_file: Path = SPLIT_FILE, image_dir: Path | None = N
                 ema.load_state_dict(ckpt["ema"])
             state = ckpt["state"]
             log.info("resuming from %s after epoch %d", checkpoint_file, state["epoch"])
+    ctx.check_same(state["epoch"], "the epoch to resume after")
+    net = wrap(model, ctx)
 
-    # One MLflow run per training; it checked the store before any epoch and ends FAILED if one raises.
+    # One MLflow run per training (rank 0's); it checked the store before any epoch and ends FAILED if one raises.
     dataset_version = provenance.dataset_version(manifest)
     git_sha = provenance.git_sha()  # once: it is a git subprocess, and the code cannot change mid-run
-    with tracking.train_run(cfg, key=key, device=device, split_file=split_file, manifest=manifest,
-                            resume=state["epoch"] > 0) as run:
+    mlflow_run = (tracking.train_run(cfg, key=key, device=device, split_file=split_file, manifest=manifest,
+                                     resume=state["epoch"] > 0) if ctx.is_main else contextlib.nullcontext(NoRun()))
+    with mlflow_run as run:
         run.log_history(state["history"])  # epochs of a resumed checkpoint
         for epoch in range(state["epoch"], recipe.epochs):
-            tr = train_one_epoch(model, train_set, recipe, optimizer, scheduler, device, cfg.seed, epoch, ema)
+            tr = train_one_epoch(net, train_set, recipe, optimizer, scheduler, device, cfg.seed, epoch, ema, ctx)
+            ctx.check_weights(model, f"the weights after epoch {epoch + 1}")
+            if not ctx.is_main:
+                continue
             va = evaluate(scored, val_set, recipe, device) if len(val_set) else EpochStats(math.nan, math.nan, 0.0)
             row = {"epoch": epoch + 1, "train_loss": tr.loss, "train_accuracy": tr.accuracy, "val_loss": va.loss,
                    "val_accuracy": va.accuracy, "lr": scheduler.get_last_lr()[0], "seconds": tr.seconds}
@@ -227,6 +251,8 @@ def train(cfg: Config, split_file: Path = SPLIT_FILE, image_dir: Path | None = N
             write_csv(pd.DataFrame(state["history"]), log_file)
             run.log_epoch(row)
 
+        if not ctx.is_main:
+            return {}
         history = state["history"]
         train_seconds = sum(r["seconds"] for r in history)
         best = state["best"]
@@ -236,7 +262,7 @@ def train(cfg: Config, split_file: Path = SPLIT_FILE, image_dir: Path | None = N
             "val_accuracy": None if math.isnan(best_val) else best_val, "train_seconds": round(train_seconds, 2),
             "seconds_per_epoch": round(train_seconds / len(history), 2),
             "train_images_per_second": round(len(train_set) * len(history) / train_seconds, 1),
-            "params": params, "macs": macs,
+            "params": params, "macs": macs, "processes": ctx.world_size,
         }
         # model_args: what build_model needs to rebuild this variant (lists: plain data to load).
         model_args = {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.arch.items()}
@@ -264,10 +290,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
     cfg = load_config(args.params, args.overrides)
-    if args.fresh:
-        CHECKPOINT_FILE.unlink(missing_ok=True)
-    summary = train(cfg)
-    log.info("wrote %s: %s", MODEL_FILE, summary)
+    with session(cfg.train.device) as ctx:
+        if args.fresh and ctx.is_main:
+            CHECKPOINT_FILE.unlink(missing_ok=True)
+        ctx.barrier()  # no rank reads the checkpoint before it is gone
+        summary = train(cfg, ctx=ctx)
+    if summary:
+        log.info("wrote %s: %s", MODEL_FILE, summary)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from neu_model.cli import StageError
+from neu_model.data import load_images, to_float
+from neu_model.inference import load_torch_model
 from neu_model.model import build_model
+from neu_model.packed import pack_dir
 from neu_model.train import train
 
 from conftest import die_in_epoch, tiny_config
@@ -146,8 +149,26 @@ def test_bad_arch_value_stops_before_training(tiny_data, tmp_path):
     assert not (tmp_path / "ckpt.pt").exists() and not (tmp_path / "model.pt").exists()
 
 
+def test_images_memory_mapped_beyond_the_budget_train_to_the_same_weights(tiny_data, tmp_path):
+    (tmp_path / "memory").mkdir(), (tmp_path / "mapped").mkdir()
+    _train(tiny_data, tmp_path / "memory", tiny_config())
+    for stale in pack_dir(tiny_data.split).glob("*.npy"):
+        stale.unlink()  # the budget-0 run below must build its pack, not find one
+    _train(tiny_data, tmp_path / "mapped", tiny_config("train.memory_budget_mb=0"))
+    assert list(pack_dir(tiny_data.split).glob("train-*.npy"))  # it went through the pack
+    memory = torch.load(tmp_path / "memory" / "model.pt", weights_only=True)["state_dict"]
+    mapped = torch.load(tmp_path / "mapped" / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(memory[k], mapped[k]) for k in memory)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_trains_on_cuda_with_mixed_precision(tiny_data, tmp_path):
-    summary = _train(tiny_data, tmp_path, tiny_config("train.device=cuda"))
+@pytest.mark.parametrize("budget_mb", [2048, 0])  # images on the GPU, or mapped on the host
+def test_trains_on_cuda_with_mixed_precision(tiny_data, tmp_path, budget_mb):
+    summary = _train(tiny_data, tmp_path, tiny_config("train.device=cuda", f"train.memory_budget_mb={budget_mb}"))
     assert summary["device"].startswith("cuda")
+    model, _ = load_torch_model(tmp_path / "model.pt", "cuda")
+    images = to_float(load_images(sorted(tiny_data.images.glob("*.bmp")))).cuda()
+    with torch.no_grad():
+        probs = model(images).softmax(1)
+    assert probs.shape == (len(images), 6) and torch.isfinite(probs).all()

@@ -37,7 +37,7 @@ install: $(STAMP)
 # One run at a time per workspace: pipeline and retrain hold the workspace lock (a second one is
 # refused, naming the first; WAIT=1 waits for it), and serve's runs take it themselves.
 # pipeline first undoes params.yaml overrides that a killed flow run left (neu_model/run_params.py).
-LOCKED := $(PY) -m neu_model.workspace_lock run $(if $(WAIT),--wait) --
+LOCKED := $(PY) -m neu_model.workspace_lock run$(if $(WAIT), --wait) --
 pipeline: $(STAMP)
 	$(LOCKED) $(SHELL) -c '$(PY) -m neu_model.run_params restore && $(BIN)/dvc repro'
 	$(BIN)/dvc metrics show

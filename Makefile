@@ -4,6 +4,7 @@
 #   make test-fast  the test suite without the slow tests (no ruff)
 #   make bench      train and score every model, print a table (ARGS="--seeds 0 1 2 --epochs 5")
 #   make retrain    the Prefect training flow once (ARGS="--set key=value --device cuda")
+#                   pipeline, retrain, serve: one run at a time per workspace; WAIT=1 waits for a busy one
 #   make serve      the training flow as a deployment on a cron schedule (CRON="0 3 * * 1")
 #   make sweep      the trials of a sweep file side by side on a local Dask cluster (SWEEP=... WORKERS=2)
 #   make ui         the MLflow UI on http://127.0.0.1:$(UI_PORT) over this project's store (docs/mlflow.md)
@@ -38,17 +39,21 @@ $(STAMP): requirements.lock pyproject.toml
 
 install: $(STAMP)
 
+# One run at a time per workspace: pipeline and retrain hold the workspace lock (a second one is
+# refused, naming the first; WAIT=1 waits for it), and serve's runs take it themselves.
+# pipeline first undoes params.yaml overrides that a killed flow run left (neu_model/run_params.py).
+LOCKED := $(PY) -m neu_model.workspace_lock run$(if $(WAIT), --wait) --
 pipeline: $(STAMP)
-	$(BIN)/dvc repro
+	$(LOCKED) $(SHELL) -c '$(PY) -m neu_model.run_params restore && $(BIN)/dvc repro'
 	$(BIN)/dvc metrics show
 
 # Prefect: no server needed (a temporary one starts), or PREFECT_API_URL's; state in .prefect/ (prefect.toml).
 retrain: $(STAMP)
-	$(PY) -m flows.training run $(ARGS)
+	$(LOCKED) $(PY) -m flows.training run $(ARGS)
 
 CRON ?= 0 3 * * 1
 serve: $(STAMP)
-	$(PY) -m flows.training serve --cron "$(CRON)" $(ARGS)
+	$(PY) -m flows.training serve --cron "$(CRON)" $(if $(WAIT),--wait) $(ARGS)
 
 # Sweeps: each trial in a clone of its own, on WORKERS local Dask processes (docs/orchestration.md, "Sweeps").
 SWEEP ?= sweeps/seeds.yaml

@@ -1,10 +1,15 @@
-"""The text of the flows' Prefect artifacts: plain functions of the run summary, easy to test."""
+"""The text of the flows' Prefect artifacts: plain functions of the run summary, easy to test.
+
+Artifacts are stored by the Prefect server and shown to anyone with access to it, so the
+credentials of any URL in them are masked (``neu_model.redact``).
+"""
 
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
 from neu_model.config import CLASS_NAMES, CLASSES
+from neu_model.redact import redact_url
 
 
 def _pct(value: Any) -> str:
@@ -48,7 +53,7 @@ def review_lines(review: Mapping[str, Any] | None) -> list[str]:
 def training_markdown(summary: Mapping[str, Any], ran: Mapping[str, bool], changed_params: Sequence[str],
                       new_data: bool, mlflow_link: str | None, failed: str | None = None,
                       overrides: Sequence[str] = ()) -> str:
-    """The training flow's summary artifact."""
+    """The training flow's summary artifact, with the credentials of any URL in it masked."""
     metrics, train, run = summary.get("metrics", {}), summary.get("train", {}), summary.get("run", {})
     decision, reason = decision_text(summary.get("registration", {}))
     trained = ran.get("train", False)
@@ -77,7 +82,7 @@ def training_markdown(summary: Mapping[str, Any], ran: Mapping[str, bool], chang
     ]
     lines += [f"| {r['class']} ({r['name']}) | {_pct(r['f1'])} | {_pct(r['precision'])} | {_pct(r['recall'])} "
               f"| {r['support']} |" for r in per_class_rows(metrics)]
-    return "\n".join(lines) + "\n"
+    return redact_url("\n".join(lines) + "\n")
 
 
 def scoring_markdown(summary: Mapping[str, Any], model_uri: str, out: str) -> str:

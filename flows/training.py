@@ -8,23 +8,31 @@
 flows. With no ``PREFECT_API_URL`` a run starts a temporary local API (prefect.toml keeps its
 state in .prefect/); with it, runs report there.
 The flow holds the order, retries, schedule, concurrency and artifacts; the stages
-themselves are ``dvc.yaml``'s, run by the tasks in ``tasks/stages.py``.
+themselves are ``dvc.yaml``'s, run by the tasks in ``tasks/stages.py``. A run holds the
+workspace lock throughout (another run is refused, naming it, or waited for with ``--wait``)
+and leaves params.yaml as it found it (``neu_model.run_params``).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import math
+import os
 import sys
 from pathlib import Path
 
+import yaml
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.settings import get_current_settings
 from prefect.tasks import exponential_backoff
 
 from flows.report import per_class_rows, training_markdown
-from neu_model import orchestrate
+from neu_model import orchestrate, run_params
 from neu_model.cli import disable_telemetry
+from neu_model.config import DATA_SOURCE_ENV, ConfigError
+from neu_model.redact import install_log_redaction, redact_url
 from tasks import stages
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,41 +45,59 @@ MLFLOW_UI = "http://127.0.0.1:5000"
 @flow(name="neu-training", timeout_seconds=12 * 3600)
 def training_flow(overrides: list[str] | None = None, data_source: str | None = None, device: str | None = None,
                   project: str | None = None, retry_backoff_seconds: float = 10.0,
-                  mlflow_ui: str = MLFLOW_UI) -> dict:
+                  mlflow_ui: str = MLFLOW_UI, wait: bool = False) -> dict:
     """Bring the model up to date with the data source, and let the gate decide on promotion.
 
     Args:
         overrides: params.yaml keys for this run, dotted as ``dvc exp run -S`` takes them,
-            e.g. ``["train.recipes.defectnet.epochs=5"]``; the next run starts from params.yaml again.
+            e.g. ``["train.recipes.defectnet.epochs=5"]``; params.yaml is put back when the run
+            ends. ``data.source=...`` is taken as ``data_source``.
         data_source: folder, archive or URL of the images (NEU_DATA_SOURCE for the stages);
             default: NEU_DATA_SOURCE of the flow's process, else params.yaml's data.source.
         device: ``train.device`` for this run (cpu, cuda, cuda:1, auto).
         project: the workspace (a checkout with dvc.yaml); default: the one holding this file.
-        retry_backoff_seconds: the first download/register retry waits this long, then doubles.
+        retry_backoff_seconds: the first register retry waits this long, then doubles.
         mlflow_ui: base URL of the MLflow UI, for the link in the summary.
+        wait: wait for a run that holds the workspace instead of failing at once.
 
     Returns:
         Which stages ran, the MLflow run id and the registry decision.
     """
     logger = get_run_logger()
+    redact_every_log()
     root = str(Path(project or ROOT).resolve())
-    run_overrides = [*(overrides or []), *([f"train.device={device}"] if device else [])]
+    run_overrides, data_source = source_override([*(overrides or []), *([f"train.device={device}"] if device else [])],
+                                                 data_source)
+    with orchestrate.hold_workspace(root, wait=math.inf if wait else 0, note=logger.warning):
+        try:
+            return _run(root, run_overrides, data_source, retry_backoff_seconds, mlflow_ui)
+        finally:
+            run_params.restore(root, logger.info, ending=True)
+
+
+def _run(root: str, run_overrides: list[str], data_source: str | None, retry_backoff_seconds: float,
+         mlflow_ui: str) -> dict:
+    """The stages in order, under the workspace lock; then the summary."""
+    logger = get_run_logger()
     # ran["source"]: whether the source stage found new data (DVC runs that stage every time).
     ran = dict.fromkeys(orchestrate.STAGES, False)
     changed = []
     backoff = {"retry_delay_seconds": exponential_backoff(retry_backoff_seconds)}
-    steps = [stages.source, stages.download.with_options(**backoff), stages.split, stages.train, stages.evaluate,
+    steps = [stages.source, stages.download, stages.split, stages.train, stages.evaluate,
              stages.register.with_options(**backoff)]
     try:
-        changed = stages.apply_params(root, run_overrides)  # first: an override may set data.source
+        changed = run_params.apply(root, run_overrides, logger.warning)  # refused here: nothing has run yet
+        logger.info("params for this run: %s", ", ".join(run_overrides) or "params.yaml as it is")
         for name, step in zip(orchestrate.STAGES, steps, strict=True):
             ran[name] = step(root, data_source)
     except Exception as exc:
         # A failed run leaves its summary too: which stage, and what the workspace holds now.
         try:
-            _publish(root, ran, changed, mlflow_ui, run_overrides, failed=str(exc).splitlines()[0])
+            _publish(root, ran, changed, mlflow_ui, run_overrides, failed=redact_url(str(exc).splitlines()[0]))
         except Exception as publish_error:  # noqa: BLE001 - the stage's failure is the one to report
             logger.warning("could not publish the failure summary: %s", publish_error)
+        if isinstance(exc, ConfigError) and redact_url(str(exc)) != str(exc):
+            raise ConfigError(redact_url(str(exc))) from None
         raise
     summary = _publish(root, ran, changed, mlflow_ui, run_overrides)
     result = {"ran": ran, "mlflow_run_id": summary["run"].get("run_id"),
@@ -84,9 +110,40 @@ def training_flow(overrides: list[str] | None = None, data_source: str | None = 
     return result
 
 
+def source_override(overrides: list[str], data_source: str | None) -> tuple[list[str], str | None]:
+    """Take a ``data.source=...`` override out of ``overrides``, as the run's data source.
+
+    The data source reaches the stages as NEU_DATA_SOURCE, never params.yaml: the
+    credentials of a URL must not reach params.yaml or dvc.lock, which are committed.
+
+    Raises:
+        ConfigError: a data source given both ways.
+    """
+    rest, given = [], []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "data.source":
+            given.append(str(yaml.safe_load(value)))
+        else:
+            rest.append(item)
+    if len(given) + bool(data_source) > 1:
+        raise ConfigError("the data source is given more than once (data_source / --data-source and "
+                          "data.source=...); give it once")
+    return rest, data_source or (given[0] if given else None)
+
+
+def redact_every_log() -> None:
+    """Put ``RedactingFilter`` on every log handler of this process (Prefect's API and console ones too)."""
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger))]
+    for logger in loggers:
+        install_log_redaction(logger)
+
+
 def _publish(root: str, ran: dict, changed: list, mlflow_ui: str, overrides: list[str],
              failed: str | None = None) -> dict:
-    """Create the run's artifacts: the markdown summary and the per-class metrics table."""
+    """Create the run's artifacts: the markdown summary and the per-class metrics table (credentials
+    of a URL in them are masked by ``training_markdown``)."""
     summary = stages.summarize(root)
     link = orchestrate.mlflow_run_link(summary["run"], mlflow_ui)
     create_markdown_artifact(training_markdown(summary, ran, changed, ran["source"], link, failed, overrides),
@@ -102,9 +159,9 @@ def _publish(root: str, ran: dict, changed: list, mlflow_ui: str, overrides: lis
 def serve(cron: str = DEFAULT_CRON, parameters: dict | None = None) -> None:
     """Serve the deployment ``neu-training/retrain`` on ``cron``, one run at a time.
 
-    ``global_limit=1`` is the deployment's concurrency limit (a scheduled run and one started
-    by hand must not both run ``dvc repro`` in this workspace: DVC's lock would fail one);
-    ``limit=1`` caps this runner too.
+    ``global_limit=1`` is the deployment's concurrency limit and ``limit=1`` caps this runner:
+    a scheduled run and one started by hand queue instead of failing on the workspace lock,
+    which each run takes (and which also keeps ``make pipeline`` and ``make retrain`` out).
     """
     training_flow.serve(name=DEPLOYMENT, cron=cron, global_limit=1, limit=1, parameters=parameters or {},
                         tags=["neu-cls", "training"], pause_on_shutdown=False)
@@ -161,6 +218,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-schedule", action="store_true", help="deploy: runs only when started by hand")
     parser.add_argument("--pool", help="deploy: the work pool (created as a process pool when missing)")
     parser.add_argument("--name", help="deploy: the deployment's name (default retrain-<pool>)")
+    parser.add_argument("--wait", action="store_true",
+                        help="wait for a run that holds the workspace (default: fail at once, naming it)")
     return parser
 
 
@@ -168,9 +227,20 @@ def main(argv: list[str] | None = None) -> int:
     disable_telemetry()
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    try:
+        overrides, data_source = source_override(args.overrides, args.data_source)
+        # Refused here, in one line, before Prefect starts (the flow checks again: deployments).
+        run_params.check(ROOT, [*overrides, *([f"train.device={args.device}"] if args.device else [])])
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if data_source and redact_url(data_source) != data_source:
+        # Prefect stores a flow run's parameters (and a deployment's): a URL with credentials
+        # reaches the stages through the environment only, as NEU_DATA_SOURCE.
+        os.environ[DATA_SOURCE_ENV], data_source = data_source, None
     # Parameters given here become the deployment's defaults for every scheduled run.
-    params = {k: v for k, v in {"overrides": args.overrides or None, "data_source": args.data_source,
-                                "device": args.device}.items() if v}
+    params = {k: v for k, v in {"overrides": overrides or None, "data_source": data_source,
+                                "device": args.device, "wait": args.wait}.items() if v}
     if args.command == "serve":
         serve(args.cron, params)
         return 0
@@ -184,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConnectionError as exc:
             parser.exit(2, f"error: {exc}\n")
         return 0
-    state = training_flow(args.overrides, args.data_source, args.device, return_state=True)
+    state = training_flow(overrides, data_source, args.device, wait=args.wait, return_state=True)
     return 0 if state.is_completed() else 1
 
 

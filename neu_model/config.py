@@ -2,7 +2,8 @@
 
 Any key can be overridden for one run with dotted ``key=value`` pairs, the way
 ``dvc exp run -S train.lr=0.01`` does, e.g. ``load_config(overrides=["train.model=seed_cnn"])``.
-The resolved config (``to_dict``) is saved with every checkpoint and model.
+An unknown key or a value of the wrong type is refused in one line naming the key and what it
+may be. The resolved config (``to_dict``) is saved with every checkpoint and model.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -24,14 +27,8 @@ DATA_SOURCE_ENV = "NEU_DATA_SOURCE"
 
 # Canonical class order: the model's output columns, everywhere.
 CLASSES: tuple[str, ...] = ("Cr", "In", "Pa", "PS", "RS", "Sc")
-CLASS_NAMES: dict[str, str] = {
-    "Cr": "crazing",
-    "In": "inclusion",
-    "Pa": "patches",
-    "PS": "pitted surface",
-    "RS": "rolled-in scale",
-    "Sc": "scratches",
-}
+CLASS_NAMES: dict[str, str] = {"Cr": "crazing", "In": "inclusion", "Pa": "patches", "PS": "pitted surface",
+                               "RS": "rolled-in scale", "Sc": "scratches"}
 
 
 # The constructor keyword arguments of each model of neu_model.model.MODELS that a recipe's
@@ -85,11 +82,11 @@ class Recipe:
     ema_decay: float  # exponential moving average of the weights per step; 0 = off
     # The model constructor's keyword arguments (neu_model.model.build_model), read-only, lists
     # as tuples; empty: the constructor's defaults.
-    arch: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    arch: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))
 
     def __post_init__(self) -> None:
         arch = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(self.arch or {}).items()}
-        object.__setattr__(self, "arch", MappingProxyType(arch))
+        object.__setattr__(self, "arch", types.MappingProxyType(arch))
 
 
 @dataclass(frozen=True)
@@ -175,40 +172,86 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         parts = key.strip().split(".")
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
-                raise ConfigError(f"override {item!r}: no section {part!r} in params.yaml")
+                raise ConfigError(f"override {item!r}: no section {part!r} in params.yaml; "
+                                  f"keys there: {', '.join(node)}")
             node = node[part]
         if parts[-1] not in node:
-            raise ConfigError(f"override {item!r}: no key {key!r} in params.yaml; check the spelling")
+            raise ConfigError(f"override {item!r}: no key {key!r} in params.yaml; check the spelling; "
+                              f"keys there: {', '.join(map(str, node)) or 'none'}")
         node[parts[-1]] = yaml.safe_load(text)
     return raw
 
 
+# What a wrong value is told it should be: by key, else by field type.
+EXPECTED = {"data.expected_per_class": 'an integer or "any"', int: "an integer",
+            float: "a number (e.g. 0.001 or 1.0e-3)", str: "a string", bool: "true or false"}
+
+
+def _typed(value: Any, hint: Any, key: str) -> Any:
+    """``value`` checked against the field type ``hint`` (dataclasses do not check); an int passes as a float.
+
+    Raises:
+        ConfigError: one line naming ``key``, the value and the type expected.
+    """
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        return tuple(_typed(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is Mapping and isinstance(value, Mapping):
+        return {k: _typed(v, args[1], _join(key, k)) for k, v in value.items()}
+    # 1e-3 is a float to YAML 1.2 (what DVC's -S writes) but a string to PyYAML's YAML 1.1.
+    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool)) or bool(
+              isinstance(v, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", v)),
+          str: lambda v: isinstance(v, str), bool: lambda v: isinstance(v, bool), Any: lambda v: True}
+    if hint in ok and ok[hint](value):
+        return float(value) if hint is float and isinstance(value, str) else value
+    expected = EXPECTED.get(key) or EXPECTED.get(hint) or ("a list" if origin is tuple else "a section")
+    raise ConfigError(f"params.yaml: {key}={value!r} must be {expected}")
+
+
+def _build(cls: type, raw: Any, key: str) -> Any:
+    """Dataclass ``cls`` from the mapping ``raw`` at ``key``: no unknown, no missing keys, typed values."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"params.yaml: {key or 'the file'} must be a section of key: value lines, not {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in raw:
+        if name not in fields:
+            raise ConfigError(f"params.yaml: unknown key {_join(key, name)}; check the spelling; keys "
+                              f"{'under ' + key if key else 'at the top'}: {', '.join(fields)}")
+    for name, f in fields.items():
+        if name not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"params.yaml: {_join(key, name)} is missing; compare with the params.yaml in git")
+    hints = typing.get_type_hints(cls)
+    return cls(**{name: _typed(value, hints[name], _join(key, name)) for name, value in raw.items()})
+
+
+def _join(key: str, name: Any) -> str:
+    return f"{key}.{name}" if key else str(name)
+
+
 def from_dict(raw: Mapping[str, Any]) -> Config:
-    """Build and validate a Config from the params mapping."""
-    try:
-        data = dict(raw["data"])
-        expected = data["expected_per_class"]
-        data["expected_per_class"] = None if expected in (None, "any") else int(expected)
-        data["classes"] = tuple(data["classes"])
-        train = dict(raw["train"])
-        train["recipes"] = {name: Recipe(**r) for name, r in train["recipes"].items()}
-        cfg = Config(
-            seed=int(raw["seed"]),
-            data=DataConfig(**data),
-            split=SplitConfig(**raw["split"]),
-            train=TrainConfig(**train),
-            evaluate=EvaluateConfig(**raw["evaluate"]),
-            review=ReviewConfig(**raw["review"]),
-            mlflow=MlflowConfig(**raw["mlflow"]),
-            register=RegisterConfig(**raw["register"]),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(f"params.yaml is not valid ({exc}); compare it with the one in git") from exc
+    """Build and validate a Config from the params mapping.
+
+    Raises:
+        ConfigError: an unknown or missing key, a value of the wrong type or out of range; one
+            line naming the key and what it may be.
+    """
+    data = raw.get("data")
+    if isinstance(data, Mapping) and data.get("expected_per_class") == "any":
+        raw = {**raw, "data": {**data, "expected_per_class": None}}
+    cfg = _build(Config, raw, "")
     if cfg.train.model not in cfg.train.recipes:
-        raise ConfigError(
-            f"train.model={cfg.train.model!r} has no recipe under train.recipes; "
-            f"choose one of {sorted(cfg.train.recipes)}"
-        )
+        raise ConfigError(f"train.model={cfg.train.model!r} has no recipe under train.recipes; "
+                          f"choose one of {sorted(cfg.train.recipes)}")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.train.device):
+        raise ConfigError(f"train.device={cfg.train.device!r} is no device; use auto, cpu, cuda, cuda:N or mps")
     if not 0 < cfg.split.test_fraction < 1 or not 0 <= cfg.split.val_fraction < 1:
         raise ConfigError("split.test_fraction must be in (0, 1) and split.val_fraction in [0, 1)")
     for name, recipe in cfg.train.recipes.items():

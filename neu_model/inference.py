@@ -20,6 +20,7 @@ from neu_model.data import to_float
 from neu_model.model import build_model, fuse_batchnorm
 
 MODEL_FILE = Path("models/model.pt")
+UNREADABLE = "unreadable: cut short, or not written by torch.save"
 
 __all__ = ["MODEL_FILE", "Predictor", "ProbabilityModel", "fuse_batchnorm", "load_torch_model", "memory_format",
            "predict_batched", "predict_logits", "pyfunc_probabilities", "select_device"]
@@ -77,9 +78,12 @@ def load_torch_model(path: Path = MODEL_FILE, device: torch.device | str = "cpu"
         raise StageError(f"{path}: no trained model; run the pipeline first (make pipeline)")
     try:
         saved = torch.load(path, map_location=device, weights_only=True)
+    except Exception:  # noqa: BLE001 - torch's own advice here (weights_only=False) would run the file's code
+        raise StageError(f"{path}: not a model saved by neu_model.train ({UNREADABLE}); retrain it") from None
+    try:
         model = build_model(saved["model_name"], **saved.get("model_args", {}))
         model.load_state_dict(saved["state_dict"])
-    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         # One line: torch lists every mismatched tensor, one per line.
         reason = " ".join(str(exc).split())
         reason = reason if len(reason) <= 200 else reason[:200] + " ..."

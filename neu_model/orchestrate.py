@@ -1,14 +1,16 @@
-"""Run the DVC stages from an orchestrator: environment, per-run params, ``dvc repro``, summary.
+"""Run the DVC stages from an orchestrator: the workspace lock, environment, ``dvc repro``, summary.
 
 Nothing here imports Prefect: ``tasks/`` wraps these functions in thin Prefect tasks and
 ``flows/`` puts them in order. ``dvc.yaml`` stays the one definition of the stages; every
 stage runs through ``dvc repro --single-item <stage>``, so ``dvc.lock`` stays true and DVC
-alone decides what changed (an unchanged stage is skipped in about a second).
+alone decides what changed (an unchanged stage is skipped in about a second). A run holds the
+workspace lock (``hold_workspace``) from its first stage to its last; per-run params live in
+``neu_model.run_params``.
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
 import json
 import logging
 import os
@@ -17,20 +19,19 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Callable, Sequence
-
-import yaml
+from typing import Callable, Iterator, Sequence
 
 from neu_model import provenance
 from neu_model.cli import TELEMETRY_OFF, StageError, default_tracking_uri
-from neu_model.config import DATA_SOURCE_ENV, ConfigError, apply_overrides, from_dict
+from neu_model.config import DATA_SOURCE_ENV, ConfigError
+from neu_model.redact import redact_url
+from neu_model.workspace_lock import HeldLock, workspace_lock
 
 STAGES = ("source", "download", "split", "train", "evaluate", "register")
 # The source stage's output: rewritten only when there are new images at the source.
 SOURCE_RECORD = Path("data/source.json")
-# Where the flow remembers params.yaml as it was before it applied a run's overrides.
-# .dvc/tmp is per-workspace scratch that git ignores, like the rest of DVC's run state.
-PARAMS_RECORD = Path(".dvc/tmp/flow-params.json")
+# Seconds a stage has to end after SIGTERM (its MLflow run is closed) before SIGKILL.
+STOP_GRACE = 15.0
 
 # Messages of bad-input failures (exit 2) that are not about the input: an MLflow store that
 # does not answer (neu_model.tracking.connect) may answer a minute later.
@@ -81,18 +82,61 @@ def stage_env(project: Path, data_source: str | None = None) -> dict[str, str]:
     return env
 
 
+_held: list[HeldLock] = []  # the workspace lock this process holds (hold_workspace), innermost last
+
+
+@contextlib.contextmanager
+def hold_workspace(project: Path | str, wait: float = 0, note: Log = log.warning) -> Iterator[HeldLock]:
+    """Hold the workspace lock of ``project`` (``neu_model.workspace_lock``) for a run of stages.
+
+    Under ``python -m neu_model.workspace_lock run`` (``make retrain``) the lock passed on is
+    used. Every stage started meanwhile gets the lock too, as ``run``'s command does: a stage
+    that outlives this process (killed alone by SIGKILL) keeps the workspace locked, and named
+    in the lock's record, until it ends.
+
+    Raises:
+        WorkspaceBusy: another run holds it (after ``wait`` seconds); the message names it.
+    """
+    with workspace_lock(project, wait=wait, note=note) as held:
+        _held.append(held)
+        try:
+            yield held
+        finally:
+            _held.remove(held)
+
+
+def stop_group(proc: subprocess.Popen, grace: float = STOP_GRACE) -> None:
+    """End ``proc``'s whole process group: SIGTERM, then SIGKILL after ``grace`` seconds."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def run_logged(cmd: Sequence[str], cwd: Path, env: dict[str, str], timeout: float | None,
                log_line: Log, name: str) -> list[str]:
     """Run ``cmd``, passing each output line to ``log_line`` as it comes; return all lines.
 
-    On timeout the whole process group is killed: killing only ``dvc`` would leave the
-    stage's python running and holding DVC's lock.
+    ``cmd`` runs in a process group of its own. On timeout that whole group is killed, and on
+    anything that ends this call early (SIGTERM from Prefect cancelling the run, Ctrl-C) it is
+    stopped (``stop_group``): ending only ``dvc`` would leave the stage's python running and
+    holding DVC's lock. Lines pass through ``redact_url``.
 
     Raises:
         StageFailed: non-zero exit or timeout, named ``name``.
     """
+    held = _held[-1] if _held else None
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, bufsize=1, start_new_session=True)
+                            text=True, bufsize=1, start_new_session=True, pass_fds=(held.fd,) if held else ())
+    previous_child = held.holder.child if held else None
+    if held:
+        held.record_child(proc.pid)
     timed_out = threading.Event()
 
     def kill() -> None:
@@ -109,15 +153,20 @@ def run_logged(cmd: Sequence[str], cwd: Path, env: dict[str, str], timeout: floa
     lines: list[str] = []
     try:
         for line in proc.stdout:
-            line = line.rstrip()
+            line = redact_url(line.rstrip())
             if line:
                 lines.append(line)
                 log_line(line)
         code = proc.wait()
+    except BaseException:
+        stop_group(proc)
+        raise
     finally:
         if timer:
             timer.cancel()
         proc.stdout.close()
+        if held:
+            held.record_child(previous_child)
     if timed_out.is_set():
         raise StageFailed(name, None, [*lines, f"killed after {timeout:g}s"])
     if code != 0:
@@ -155,73 +204,6 @@ def repro_source(project: Path, env: dict[str, str], timeout: float | None, log_
     return (out.read_bytes() if out.exists() else None) != before
 
 
-# ---------------------------------------------------------------- per-run params
-
-def _dump_round_trip(text: str, values: dict) -> str:
-    """``text`` (a params.yaml) with leaf values from ``values`` written in, comments kept.
-
-    ruamel's round-trip mode is what ``dvc exp run -S`` uses to edit params.yaml.
-    """
-    from ruamel.yaml import YAML
-
-    rt = YAML()
-    rt.preserve_quotes, rt.width = True, 4096  # no re-quoting, no wrapping of the long source URL
-    doc = rt.load(text)
-
-    def merge(node, new) -> None:
-        for key, value in new.items():
-            if isinstance(value, dict) and isinstance(node.get(key), dict):
-                merge(node[key], value)
-            elif node.get(key) != value:
-                node[key] = value
-
-    merge(doc, values)
-    buf = io.StringIO()
-    rt.dump(doc, buf)
-    return buf.getvalue()
-
-
-def apply_params(project: Path, overrides: Sequence[str]) -> list[str]:
-    """Write this run's ``key=value`` overrides into params.yaml, undoing the previous run's.
-
-    The overrides go into params.yaml, as ``dvc exp run -S`` puts them, so that the stages
-    read them, dvc.lock records them and ``dvc status`` is clean after the run. The file as
-    it was before is remembered in PARAMS_RECORD; the next run starts from it again unless
-    someone has edited params.yaml since, so an override lasts one run, not forever.
-
-    Returns:
-        The overrides that changed params.yaml (empty when the file was left as it is).
-
-    Raises:
-        ConfigError: an unknown key or a value the config rejects; params.yaml is untouched.
-    """
-    params, record = Path(project) / "params.yaml", Path(project) / PARAMS_RECORD
-    current = params.read_text()
-    base = current
-    if record.exists():
-        saved = json.loads(record.read_text())
-        if saved.get("applied") == current:  # nobody edited it since the last run
-            base = saved["base"]
-    raw = apply_overrides(yaml.safe_load(base), overrides)
-    from_dict(raw)  # validate before writing anything
-    text = _dump_round_trip(base, raw) if overrides else base
-    if text != current:
-        params.write_text(text)
-    if text != base:
-        record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"base": base, "applied": text}))
-    else:
-        record.unlink(missing_ok=True)
-    old = yaml.safe_load(current)
-    return [o for o in overrides if _get(old, o.partition("=")[0]) != _get(raw, o.partition("=")[0])]
-
-
-def _get(raw: dict, key: str):
-    for part in key.split("."):
-        raw = raw.get(part) if isinstance(raw, dict) else None
-    return raw
-
-
 # ---------------------------------------------------------------- what a run left behind
 
 def _read_json(path: Path) -> dict:
@@ -243,7 +225,7 @@ def run_summary(project: Path) -> dict:
     project = Path(project)
     return {
         "dataset_version": provenance.dataset_version(project / "data" / "raw" / "manifest.csv"),
-        "data_source": _read_json(project / SOURCE_RECORD).get("source", "unknown"),
+        "data_source": redact_url(str(_read_json(project / SOURCE_RECORD).get("source", "unknown"))),
         "metrics": _read_json(project / "reports" / "metrics.json"),
         "train": _read_json(project / "reports" / "train_metrics.json"),
         "run": _read_json(project / "reports" / "run.json"),
@@ -267,5 +249,5 @@ def mlflow_run_link(run: dict, ui: str) -> str | None:
     return f"{ui.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
 
 
-__all__ = ["STAGES", "SOURCE_RECORD", "StageFailed", "ConfigError", "is_transient", "stage_env", "run_logged",
-           "repro", "repro_source", "apply_params", "run_summary", "mlflow_run_link"]
+__all__ = ["STAGES", "SOURCE_RECORD", "StageFailed", "ConfigError", "is_transient", "hold_workspace", "stage_env",
+           "stop_group", "run_logged", "repro", "repro_source", "run_summary", "mlflow_run_link"]

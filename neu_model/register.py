@@ -27,7 +27,7 @@ from neu_model import provenance, tracking
 from neu_model.cli import StageError, run_stage
 from neu_model.config import Config, add_config_args, load_config
 from neu_model.data import IMAGE_DIR, SPLIT_FILE, load_split, read_split
-from neu_model.files import write_json
+from neu_model.files import pause_point, write_json
 from neu_model.inference import MODEL_FILE, predict_batched, pyfunc_probabilities
 from neu_model.lineage import read_dvc
 from neu_model.mlflow_model import CONTRACT
@@ -148,6 +148,7 @@ def register(cfg: Config, run_file: Path = tracking.RUN_FILE, metrics_file: Path
                                               tags={k: str(v) for k, v in tags.items()},
                                               model_id=run.record.get("model_id"), description=CONTRACT)
         log.info("registered %s version %s from run %s", name, version.version, run.run_id)
+        pause_point("register:version-created")  # tests kill here (tests/test_kills.py)
     v = str(version.version)  # MLflow returns ints here and strings elsewhere
     client.set_registered_model_alias(name, CHALLENGER, v)
 
@@ -175,6 +176,7 @@ def register(cfg: Config, run_file: Path = tracking.RUN_FILE, metrics_file: Path
         client.update_model_version(name, v, description=f"Gate: {headline}\n"
                                     + "".join(f"- {r}\n" for r in reasons) + "\n" + CONTRACT)
         if promote:
+            pause_point("register:before-champion")
             client.set_registered_model_alias(name, CHAMPION, v)
     tags = client.get_model_version(name, v).tags
     if verdict != "rejected" and "promotion.at" not in tags:

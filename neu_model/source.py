@@ -13,7 +13,8 @@ everything after it, exactly when there is something new at the source.
   says so), so that a no-op ``dvc repro`` works offline.
 
 Credentials in a URL (``https://user:token@host/...``) are sent as HTTP basic auth and never
-written to data/source.json or the log: they appear as ``https://***@host/...``.
+written to data/source.json or the log: they appear as ``https://***@host/...`` (and secret
+query parameters of a signed URL as ``***``: ``neu_model.redact``).
 
     python -m neu_model.source
 """
@@ -37,6 +38,7 @@ from typing import Sequence
 from neu_model.cli import StageError, run_stage
 from neu_model.config import add_config_args, load_config
 from neu_model.files import write_json
+from neu_model.redact import redact_url as redact  # the one implementation: credentials and signed-URL secrets
 
 log = logging.getLogger("neu_model.source")
 
@@ -49,14 +51,6 @@ CONTENT_HEADERS = {"ETag": "etag", "Last-Modified": "last_modified", "Content-Le
 
 class Unreachable(Exception):
     """The server could not be reached, or answered that it is in trouble (5xx, 408, 429)."""
-
-
-def redact(source: str) -> str:
-    """``source`` with any ``user:password@`` of a URL replaced by ``***@``."""
-    parts = urllib.parse.urlsplit(source)
-    if "://" not in source or "@" not in parts.netloc:
-        return source
-    return urllib.parse.urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
 
 
 def is_url(source: str) -> bool:

@@ -35,6 +35,7 @@ from neu_model.cli import StageError, tracking_uri
 from neu_model.config import ROOT, Config
 from neu_model.files import sha256_file, write_json
 from neu_model.lineage import read_dvc, split_inputs
+from neu_model.redact import redact_url
 
 log = logging.getLogger("neu_model.tracking")
 
@@ -166,9 +167,10 @@ class Run:
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set tags; the credentials of any URL in a value are masked (``neu_model.redact``)."""
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.client.log_batch(self.run_id, tags=[RunTag(k, redact_url(str(v))) for k, v in tags.items()])
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         if Path(path).exists():
@@ -242,7 +244,8 @@ def train_run(cfg: Config, *, key: str, device: torch.device, split_file: Path, 
         params = flatten(config) | flatten({"recipe": config["train"]["recipes"][cfg.train.model]})
         from mlflow.entities import Param
 
-        client.log_batch(run.run_id, params=[Param(k, v) for k, v in params.items()])
+        # data.source may be a URL with credentials: MLflow shows params to everyone with access.
+        client.log_batch(run.run_id, params=[Param(k, redact_url(v)) for k, v in params.items()])
         sha = provenance.git_sha()
         run.set_tags({"git_sha": sha, "mlflow.source.git.commit": sha, "git_dirty": provenance.git_dirty(),
                       "dataset_version": version, "device": str(device), "torch_version": torch.__version__,

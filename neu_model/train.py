@@ -38,7 +38,7 @@ from neu_model.data import IMAGE_DIR, MANIFEST, SPLIT_FILE, ImageSet, to_float
 from neu_model.distributed import Context, NoRun, prepare, rank_loss, rank_seed, session, shard, wrap
 from neu_model.figures import curves_figure
 from neu_model.files import sha256_file, torch_save, write_csv, write_json
-from neu_model.inference import MODEL_FILE, memory_format, predict_logits, select_device
+from neu_model.inference import MODEL_FILE, UNREADABLE, memory_format, predict_logits, select_device
 from neu_model.model import build_model, count_macs, count_params
 from neu_model.packed import fit_sets
 from neu_model.progress import progress
@@ -168,6 +168,22 @@ def run_key(cfg: Config, split_file: Path, model: nn.Module) -> str:
             + ":" + repr(sorted(cfg.to_dict().items())))
 
 
+def read_checkpoint(path: Path, device: torch.device) -> dict | None:
+    """The checkpoint at ``path``, or None when there is none or it cannot be read (with a note:
+    training starts afresh and replaces it after the first epoch)."""
+    if not Path(path).exists():
+        return None
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception:  # noqa: BLE001 - truncated, foreign or from another torch: all mean "not ours"
+        log.warning("%s is %s: training starts afresh", path, UNREADABLE)
+        return None
+    if not isinstance(ckpt, dict):
+        log.warning("%s is not a checkpoint of this stage: training starts afresh", path)
+        return None
+    return ckpt
+
+
 def train(cfg: Config, split_file: Path = SPLIT_FILE, image_dir: Path | None = None,
           model_file: Path = MODEL_FILE, checkpoint_file: Path = CHECKPOINT_FILE,
           log_file: Path = TRAIN_LOG, metrics_file: Path = TRAIN_METRICS, manifest: Path = MANIFEST,
@@ -205,16 +221,19 @@ def train(cfg: Config, split_file: Path = SPLIT_FILE, image_dir: Path | None = N
     scored = ema.module if ema is not None else model  # what is validated and kept as the best
     key = run_key(cfg, split_file, model)
     state = {"epoch": 0, "history": [], "best": None, "best_score": None}
-    if checkpoint_file.exists():
-        ckpt = torch.load(checkpoint_file, map_location=device, weights_only=True)
-        if ckpt.get("run_key") == key:
+    ckpt = read_checkpoint(checkpoint_file, device)
+    if ckpt is not None and ckpt.get("run_key") == key:
+        try:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             if ema is not None:
                 ema.load_state_dict(ckpt["ema"])
             state = ckpt["state"]
-            log.info("resuming from %s after epoch %d", checkpoint_file, state["epoch"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            raise StageError(f"{checkpoint_file}: matches this run but cannot be resumed ({type(exc).__name__}); "
+                             f"rerun with --fresh to start afresh") from None
+        log.info("resuming from %s after epoch %d", checkpoint_file, state["epoch"])
     ctx.check_same(state["epoch"], "the epoch to resume after")
     net = wrap(model, ctx)
 

@@ -3,8 +3,9 @@
 Each stage task runs ``dvc repro --single-item <stage>`` (see ``neu_model.orchestrate``), so
 DVC, not Prefect, decides what changed: caching is off (Prefect would key on the argument
 values, which are the same when the images changed). A task returns whether DVC ran its
-stage. Retries go where a second attempt can succeed (the network, the model registry),
-never on split, train or evaluate: the same inputs fail the same way again.
+stage. Retries go where a second attempt can succeed and nothing retries already: the model
+registry. The download stage retries each request itself (``neu_model.fetch``), so its task
+is not retried on top; split, train and evaluate fail the same way again on the same inputs.
 """
 
 from __future__ import annotations
@@ -32,14 +33,6 @@ def _repro(stage: str, project: str, data_source: str | None) -> bool:
     return ran
 
 
-@task(name="apply-params", cache_policy=NO_CACHE, timeout_seconds=60)
-def apply_params(project: str, overrides: list[str]) -> list[str]:
-    """Write this run's overrides into params.yaml; returns those that changed it."""
-    changed = orchestrate.apply_params(Path(project), overrides)
-    get_run_logger().info("params for this run: %s", ", ".join(overrides) or "params.yaml as it is")
-    return changed
-
-
 @task(name="source", cache_policy=NO_CACHE, timeout_seconds=TIMEOUTS["source"] + MARGIN)
 def source(project: str, data_source: str | None = None) -> bool:
     """The source stage; returns whether it found new data (data/source.json changed), since
@@ -52,11 +45,10 @@ def source(project: str, data_source: str | None = None) -> bool:
     return changed
 
 
-# The flow may shorten the backoff with .with_options (tests do); these are the defaults.
-@task(name="download", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(10),
-      timeout_seconds=TIMEOUTS["download"] + MARGIN)
+@task(name="download", cache_policy=NO_CACHE, timeout_seconds=TIMEOUTS["download"] + MARGIN)
 def download(project: str, data_source: str | None = None) -> bool:
-    """The download stage; retried, since a server or network failure is often gone a minute later."""
+    """The download stage; not retried here: the stage retries each request itself (4 attempts,
+    1 s, 2 s, 4 s apart), and a task retry on top multiplied the requests to a failing server."""
     return _repro("download", project, data_source)
 
 
@@ -78,6 +70,7 @@ def evaluate(project: str, data_source: str | None = None) -> bool:
     return _repro("evaluate", project, data_source)
 
 
+# The flow may shorten the backoff with .with_options (tests do); these are the defaults.
 @task(name="register", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(5),
       retry_condition_fn=retry_if_transient, timeout_seconds=TIMEOUTS["register"] + MARGIN)
 def register(project: str, data_source: str | None = None) -> bool:

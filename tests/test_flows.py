@@ -1,9 +1,10 @@
 """The Prefect flows on the tiny fixture, in a tmp copy of the project, against a test Prefect API.
 
 One flow run (module fixture ``first_run``) serves several tests: it downloads the fixture
-from a 127.0.0.1 server that fails until the download stage's own retries are spent, so
-Prefect's retry of the download task is what lets the flow complete. The later runs find that
-server gone: the source stage keeps the last fingerprint, so nothing is downloaded again.
+from a 127.0.0.1 server that fails at first, fewer times than the download stage tries, so the
+stage's own retries recover (Prefect does not retry that task on top). Its URL carries
+credentials, given as NEU_DATA_SOURCE, which must never show. The later runs find that server
+gone: the source stage keeps the last fingerprint, so nothing is downloaded again.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow import MlflowClient
 
 from neu_model import orchestrate
-from neu_model.config import CLASSES, load_config
+from neu_model.config import CLASSES, DATA_SOURCE_ENV, load_config
 from neu_model.download import RETRY_DELAYS
 from neu_model.reader import CSV_COLUMNS
 
@@ -36,6 +38,7 @@ from conftest import FIXTURE_IMAGES, make_project
 # (evaluate.robustness=false would be quicker, but dvc.yaml declares robustness.csv an output.)
 PROJECT_OVERRIDES = ("register.accuracy_floor=0.0",)
 STAGE_ATTEMPTS = len(RETRY_DELAYS) + 1  # what one run of the download stage tries before failing
+SECRET = "s3cret-t0ken"
 
 
 @pytest.fixture(scope="session")
@@ -123,13 +126,20 @@ def dvc_status(project: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def first_run(prefect_api, tmp_path_factory, monkeypatch_module):
-    """The training flow on a fresh project, its data behind a server that fails at first."""
+    """The training flow on a fresh project, its data behind a server that fails at first.
+
+    The URL carries credentials and reaches the flow as NEU_DATA_SOURCE, as ``python -m
+    flows.training --data-source URL`` passes a URL with credentials (Prefect stores parameters).
+    """
     from flows.training import training_flow
 
     project = make_project(tmp_path_factory.mktemp("flow-project"), *PROJECT_OVERRIDES)
     monkeypatch_module.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project}/mlflow.db")
-    with flaky_server(fixture_zip(), failures=STAGE_ATTEMPTS) as (url, hits):
-        state = training_flow(data_source=url, project=str(project), retry_backoff_seconds=0.1, return_state=True)
+    with flaky_server(fixture_zip(), failures=STAGE_ATTEMPTS - 1) as (url, hits):
+        url = url.replace("http://", f"http://ci:{SECRET}@")
+        monkeypatch_module.setenv(DATA_SOURCE_ENV, url)
+        state = training_flow(project=str(project), retry_backoff_seconds=0.1, return_state=True)
+        monkeypatch_module.delenv(DATA_SOURCE_ENV)
     return project, state, hits, url
 
 
@@ -158,13 +168,36 @@ def test_flow_runs_every_stage_and_leaves_artifacts(first_run):
 
 
 @pytest.mark.slow
-def test_download_failing_at_first_is_retried_by_prefect(first_run):
+def test_download_failing_at_first_is_retried_by_the_stage_alone(first_run):
     _, state, hits, _ = first_run
     assert state.is_completed()
-    # The first task attempt spent all the stage's own attempts; the second one got the file.
-    assert hits["/neu.zip"] == STAGE_ATTEMPTS + 1
+    # The stage's last attempt got the file; the task ran once (Prefect does not retry it on top).
+    assert hits["/neu.zip"] == STAGE_ATTEMPTS
     runs = task_runs(state)
-    assert runs["download"].run_count == 2 and runs["train"].run_count == 1
+    assert runs["download"].run_count == 1 and runs["train"].run_count == 1
+
+
+@pytest.mark.slow
+def test_credentials_in_the_source_never_show(first_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    project, state, _, _ = first_run
+    run_id = state.result()["mlflow_run_id"]
+    logged = MlflowClient(f"sqlite:///{project}/mlflow.db").get_run(run_id).data
+    assert logged.params["data.source"].startswith("http://***@127.0.0.1:")
+    logs, page = [], LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+    with get_client(sync_client=True) as client:
+        while batch := client.read_logs(log_filter=page, limit=200, offset=len(logs)):
+            logs += batch
+    texts = {"MLflow params": json.dumps(logged.params), "MLflow tags": json.dumps(logged.tags),
+             "summary": flow_artifacts(state)["neu-training-summary"].data,
+             "flow run logs": "\n".join(log.message for log in logs),
+             "source.json": (project / "data" / "source.json").read_text(),
+             "dvc.lock": (project / "dvc.lock").read_text(), "params.yaml": (project / "params.yaml").read_text()}
+    assert "Running stage 'download'" in texts["flow run logs"]  # the stages' output lines are there
+    assert "***@127.0.0.1" in texts["summary"] and "***@127.0.0.1" in texts["source.json"]
+    assert [where for where, text in texts.items() if SECRET in text] == []
 
 
 @pytest.mark.slow
@@ -185,16 +218,35 @@ def test_no_change_run_trains_and_registers_nothing(first_run):
 
 
 @pytest.mark.slow
-def test_failing_stage_fails_the_flow_and_names_it(first_run, tmp_path):
+def test_failing_stage_fails_the_flow_names_it_and_puts_params_back(first_run, tmp_path):
     from flows.training import training_flow
 
     project = Path(shutil.copytree(first_run[0], tmp_path / "copy", symlinks=True))
-    # torch rejects the device name: the train stage exits non-zero, on any machine.
-    state = training_flow(data_source=first_run[3], project=str(project), device="no-such-device", return_state=True)
+    params = (project / "params.yaml").read_text()
+    # The train stage refuses the optimizer (params are checked for keys and types, not every value).
+    state = training_flow(overrides=["train.recipes.defectnet.optimizer=sgd"], data_source=first_run[3],
+                          project=str(project), return_state=True)
     assert state.is_failed()
-    assert "stage 'train' failed" in state.message
+    assert "stage 'train' failed (exited with 2)" in state.message and "optimizer 'sgd' unknown" in state.message
     assert task_runs(state)["train"].run_count == 1  # training is not retried
     assert "Failed:** stage 'train'" in flow_artifacts(state)["neu-training-summary"].data
+    assert (project / "params.yaml").read_text() == params  # the run's override undone
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override,named", [
+    ("train.recipes.defectnet.epochz=1", "no key 'train.recipes.defectnet.epochz' in params.yaml; check the "
+                                         "spelling; keys there: epochs, batch_size"),
+    ("train.recipes.defectnet.epochs=abc", "train.recipes.defectnet.epochs='abc' must be an integer")])
+def test_a_bad_override_is_refused_before_any_stage(first_run, override, named):
+    from flows.training import training_flow
+
+    project = first_run[0]
+    params, lock = (project / "params.yaml").read_text(), (project / "dvc.lock").read_text()
+    state = training_flow(overrides=[override], data_source=first_run[3], project=str(project), return_state=True)
+    assert state.is_failed() and named in state.message
+    assert set(task_runs(state)) <= {"summarize"}  # no stage ran
+    assert (project / "params.yaml").read_text() == params and (project / "dvc.lock").read_text() == lock
 
 
 @pytest.mark.slow
@@ -241,22 +293,3 @@ def test_score_reads_folders_and_archives(tmp_path):
     assert summary["counts"] == {"Cr": 4, "In": 0, "Pa": 0, "PS": 0, "RS": 0, "Sc": 56}  # batches of 16
     assert summary["least_confident"][0]["confidence"] == pytest.approx(0.4)
     assert summary["needs_review"] == 4 and list(frame["needs_review"]) == list(frame["predicted"] == "Cr")
-
-
-def test_params_override_lasts_one_run(tmp_path):
-    params = tmp_path / "params.yaml"
-    original = (FIXTURE_IMAGES.parents[2] / "params.yaml").read_text()
-    params.write_text(original)
-    assert orchestrate.apply_params(tmp_path, ["train.recipes.defectnet.epochs=3", "seed=0"]) == \
-        ["train.recipes.defectnet.epochs=3"]  # seed was 0 already
-    text = params.read_text()
-    assert "epochs: 3" in text and "# The one source of configuration" in text  # comments kept
-    assert orchestrate.apply_params(tmp_path, []) == []
-    assert params.read_text() == original  # the next run starts from the file as it was
-    orchestrate.apply_params(tmp_path, ["seed=5"])
-    params.write_text(params.read_text().replace("batch_size: 64", "batch_size: 32"))  # a person edits it
-    orchestrate.apply_params(tmp_path, [])
-    assert "seed: 5" in params.read_text() and "batch_size: 32" in params.read_text()  # their edit wins
-    with pytest.raises(orchestrate.ConfigError, match="no key 'train.nope'"):
-        orchestrate.apply_params(tmp_path, ["train.nope=1"])
-    assert "seed: 5" in params.read_text()  # a bad override writes nothing

@@ -31,16 +31,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# name -> (runtime variant, mirror, OpenVINO hint, CPU flags one of which it needs)
+UNCHUNKED = 1 << 30
+# name -> (runtime variant, predictor options, CPU flags one of which it needs)
 CASES = {
-    "torch eager": ("torch", False, None, ()),
-    "torch.compile": ("torch-compile", False, None, ()),
-    "onnxruntime": ("onnx", False, None, ()),
-    "openvino": ("openvino", False, "LATENCY", ()),
-    "openvino throughput hint": ("openvino", False, "THROUGHPUT", ()),
-    "openvino bf16": ("openvino-bf16", False, "LATENCY", ("avx512_bf16", "amx_bf16")),
-    "onnxruntime int8": ("onnx-int8", False, None, ("avx512_vnni", "avx_vnni", "amx_int8")),
-    "openvino int8": ("openvino-int8", False, "LATENCY", ("avx512_vnni", "avx_vnni", "amx_int8")),
+    "torch eager": ("torch", {}, ()),
+    "torch.compile": ("torch-compile", {}, ()),
+    "onnxruntime": ("onnx", {}, ()),
+    "onnxruntime unchunked": ("onnx", {"chunk": UNCHUNKED}, ()),
+    "openvino": ("openvino", {}, ()),
+    "openvino unchunked": ("openvino", {"chunk": UNCHUNKED}, ()),
+    "openvino bf16": ("openvino-bf16", {}, ("avx512_bf16", "amx_bf16")),
+    "onnxruntime int8": ("onnx-int8", {}, ("avx512_vnni", "avx_vnni", "amx_int8")),
+    "openvino int8": ("openvino-int8", {}, ("avx512_vnni", "avx_vnni", "amx_int8")),
 }
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
@@ -56,7 +58,7 @@ def cpu_description() -> tuple[str, set[str]]:
     return name, set(flags)
 
 
-def load_predictor(variant: str, work: Path, mirror: bool, hint: str | None):
+def load_predictor(variant: str, work: Path, mirror: bool, options: dict):
     """The predictor of ``variant`` (``torch-compile``: eager PyTorch under torch.compile)."""
     import torch
 
@@ -71,8 +73,8 @@ def load_predictor(variant: str, work: Path, mirror: bool, hint: str | None):
         return predictor
     spec = runtimes.VARIANTS[variant]
     if spec.runtime == "openvino":
-        return runtimes.OpenVinoPredictor(models / spec.file, spec.precision, hint=hint)
-    return runtimes.OnnxPredictor(models / spec.file)
+        return runtimes.OpenVinoPredictor(models / spec.file, spec.precision, **options)
+    return runtimes.OnnxPredictor(models / spec.file, **options)
 
 
 def time_passes(predictor, images: np.ndarray, batch_size: int, passes: int) -> tuple[float, list[float]]:
@@ -101,11 +103,11 @@ def peak_rss_mib() -> int:
 
 def worker(args: argparse.Namespace) -> None:
     """One case in this process: predictions, speed, latency and peak RSS as JSON on stdout."""
-    variant, mirror, hint, _ = CASES[args.worker] if args.worker in CASES else mirror_case(args.worker)
+    variant, mirror, options = case_spec(args.worker)
     from neu_model import runtimes
 
     images = np.load(args.workdir / "images.npy")
-    predictor = load_predictor(variant, args.workdir, mirror, hint)
+    predictor = load_predictor(variant, args.workdir, mirror, options)
     probs = runtimes.predict_all(predictor, images, 64)
     np.save(args.workdir / f"probs-{args.worker}.npy", probs)
     result = {"case": args.worker}
@@ -118,10 +120,10 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
-def mirror_case(case: str) -> tuple:
-    """``X + mirror`` is case X with mirror averaging."""
-    variant, _, hint, flags = CASES[case.removesuffix(" + mirror")]
-    return variant, True, hint, flags
+def case_spec(case: str) -> tuple[str, bool, dict]:
+    """Variant, mirror averaging and predictor options of a case; ``X + mirror`` is case X with mirror averaging."""
+    variant, options, _ = CASES[case.removesuffix(" + mirror")]
+    return variant, case.endswith(" + mirror"), options
 
 
 def prepare(args: argparse.Namespace, work: Path) -> np.ndarray:
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="neu-bench-inference-") as tmp:
         work = Path(tmp)
         labels = prepare(args, work)
-        cases = [c for c in args.cases if c == "torch eager" or not CASES[c][3] or flags & set(CASES[c][3])]
+        cases = [c for c in args.cases if c == "torch eager" or not CASES[c][2] or flags & set(CASES[c][2])]
         skipped = sorted(set(args.cases) - set(cases))
         rows = [r for r in (run_case(c, args, work) for c in dict.fromkeys(["torch eager", *cases])) if r]
         rows = [score(r, work, labels, "torch eager") for r in rows]

@@ -79,8 +79,9 @@ def test_native_pooling_gives_the_same_numbers():
         assert (seeded_net()(x) - export.native_pooling(seeded_net())(x)).abs().max() < 1e-6
 
 
-@pytest.mark.parametrize("n", [1, 5, 30])
+@pytest.mark.parametrize("n", [1, 5, 30])  # 30: chunks of CHUNK run in parallel
 def test_onnx_matches_torch_for_any_batch_size(exported, images, n):
+    assert runtimes.CHUNK < 30  # so that the largest batch takes the chunked path
     probs = runtimes.OnnxPredictor(exported["plain"]).predict(images[:n])
     expected = torch_probs(images[:n])
     assert probs.shape == (n, len(CLASSES))
@@ -104,10 +105,12 @@ def test_mirror_graph_averages_each_image_with_its_mirror_image(exported, images
     assert np.abs(probs - torch_probs(images[:7], mirror=True)).max() < TOLERANCE
 
 
-def test_openvino_fp32_agrees_with_torch(exported, images):
+@pytest.mark.parametrize("n", [1, 5, 30])  # 30: chunks of CHUNK run in parallel, the last one padded
+def test_openvino_fp32_agrees_with_torch(exported, images, n):
     for path, mirror in ((exported["plain"], False), (exported["mirror"], True)):
-        probs = runtimes.OpenVinoPredictor(path).predict(images[:5])
-        assert np.abs(probs - torch_probs(images[:5], mirror)).max() < TOLERANCE
+        probs = runtimes.OpenVinoPredictor(path).predict(images[:n])
+        assert probs.shape == (n, len(CLASSES))
+        assert np.abs(probs - torch_probs(images[:n], mirror)).max() < TOLERANCE
 
 
 def test_plain_client_reproduces_the_predictions(exported, images):

@@ -210,48 +210,58 @@ def calibration_images(split_file: Path, image_dir: Path, count: int, seed: int 
     return to_float(train.images[pick]).numpy()
 
 
-def export(args: argparse.Namespace) -> dict:
-    """Export, quantise, compare every variant with PyTorch; write and return the report."""
-    net = runtimes.load_network(args.model)
-    test = load_data(args.split, args.images, "test")
-    size = test.images.shape[-1]
+def write_graphs(args: argparse.Namespace, image_size: int) -> tuple[Path, Path]:
+    """Export ``args.model`` to ONNX and quantise it; returns the fp32 and int8 files."""
     onnx_file, int8_file = args.out_dir / runtimes.ONNX_FILE, args.out_dir / runtimes.INT8_FILE
     metadata = {"mirror": str(args.mirror).lower(), "source_sha256": sha256_file(args.model)}
-    export_onnx(runtimes.probability_model(native_pooling(runtimes.load_network(args.model)), args.mirror),
-                onnx_file, size, metadata)
+    net = native_pooling(runtimes.load_network(args.model))
+    export_onnx(runtimes.probability_model(net, args.mirror), onnx_file, image_size, metadata)
     quantize_int8(onnx_file, int8_file, calibration_images(args.split, args.images, args.calibration_images))
     log.info("wrote %s and %s", onnx_file, int8_file)
+    return onnx_file, int8_file
 
-    reference_predictor = runtimes.TorchPredictor(runtimes.probability_model(net, args.mirror))
-    predictors, report_variants = {}, {}
+
+def timed_predictions(predictor: runtimes.Predictor, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, float]:
+    """Probabilities for ``images`` and the images/s of that pass (after a warm-up call that
+    compiles shapes and starts thread pools)."""
+    predictor.predict(images[:batch_size])
+    start = time.perf_counter()
+    probs = runtimes.predict_all(predictor, images, batch_size)
+    return probs, round(len(images) / (time.perf_counter() - start), 1)
+
+
+def export(args: argparse.Namespace) -> dict:
+    """Export, quantise, compare every variant with PyTorch; write and return the report."""
+    test = load_data(args.split, args.images, "test")
+    onnx_file, int8_file = write_graphs(args, test.images.shape[-1])
+    predictors = {"torch": runtimes.TorchPredictor(runtimes.probability_model(runtimes.load_network(args.model),
+                                                                              args.mirror))}
+    entries = {}
     for name, variant in runtimes.VARIANTS.items():
         reason = None if name == "torch" else unsupported(name)
         if reason:
-            report_variants[name] = {"file": variant.file, "precision": variant.precision, "kept": False, "reason": reason}
+            entries[name] = {"runtime": variant.runtime, "file": variant.file, "precision": variant.precision,
+                             "kept": False, "reason": reason}
         elif name != "torch":
             predictors[name] = runtimes.load_predictor(name, args.out_dir)
     images, labels = to_float(test.images).numpy(), test.labels.numpy()
-    clean, speed = {}, {}
-    for name, predictor in {"torch": reference_predictor, **predictors}.items():
-        start = time.perf_counter()
-        clean[name] = runtimes.predict_all(predictor, images, args.batch_size)
-        speed[name] = round(len(images) / (time.perf_counter() - start), 1)
-    suite = suite_predictions({"torch": reference_predictor, **predictors}, test.images, args.batch_size)
-    reference = variant_figures(clean["torch"], suite["torch"], clean["torch"], suite["torch"], labels)
-    for name in predictors:
-        figures = variant_figures(clean[name], suite[name], clean["torch"], suite["torch"], labels)
+    clean = {name: timed_predictions(predictor, images, args.batch_size) for name, predictor in predictors.items()}
+    suite = suite_predictions(predictors, test.images, args.batch_size)
+    reference = variant_figures(clean["torch"][0], suite["torch"], clean["torch"][0], suite["torch"], labels)
+    for name in list(predictors)[1:]:
+        figures = variant_figures(clean[name][0], suite[name], clean["torch"][0], suite["torch"], labels)
         kept, reason = verdict(name, figures, reference, args)
         variant = runtimes.VARIANTS[name]
-        report_variants[name] = {"runtime": variant.runtime, "file": variant.file, "precision": variant.precision,
-                                 **figures, "images_per_second": speed[name], "kept": kept, "reason": reason}
+        entries[name] = {"runtime": variant.runtime, "file": variant.file, "precision": variant.precision,
+                         **figures, "images_per_second": clean[name][1], "kept": kept, "reason": reason}
         log.info("%-14s %s: %s", name, "kept" if kept else "dropped", reason)
     report = {"onnx_file": str(onnx_file), "int8_file": str(int8_file), "mirror": args.mirror,
               "exporter": f"torch {torch.__version__.split('+')[0]} torch.onnx dynamo, opset {OPSET}",
               "n_test": len(test), "tolerance": args.tolerance,
               "reference": {"runtime": "torch", **{k: reference[k] for k in ("accuracy", "errors", "robustness_mean")},
-                            "images_per_second": speed["torch"]},
-              "variants": {name: report_variants[name] for name in runtimes.VARIANTS if name in report_variants},
-              "offered": runtimes.offered({"variants": report_variants})}
+                            "images_per_second": clean["torch"][1]},
+              "variants": {name: entries[name] for name in runtimes.VARIANTS if name in entries},
+              "offered": runtimes.offered({"variants": entries})}
     write_json(args.report, report)
     return report
 

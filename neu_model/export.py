@@ -115,9 +115,11 @@ def export_onnx(model: nn.Module, path: Path, image_size: int = 200, metadata: d
 
 def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, batch_size: int = 32) -> None:
     """ONNX Runtime static quantisation (QDQ; int8 weights per channel, uint8 activations) of the
-    convolutions and the classifier, calibrated on ``calibration`` images.
+    convolutions, poolings and classifier, calibrated on ``calibration`` images.
 
-    The stem's detrending (a MatMul over raw pixels) and standardisation stay fp32.
+    The stem's detrending (a MatMul over raw pixels) and standardisation stay fp32. Activation
+    ranges are the 99.999th percentiles: on the seed-0 model they changed half as many
+    predictions under the corruption suite as the min-max ranges (25 against 45 of 15,660).
     """
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -136,13 +138,15 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, bat
             batch = next(self.batches, None)
             return None if batch is None else {INPUT_NAME: batch}
 
-    with tempfile.TemporaryDirectory() as work, atomic_path(int8_path) as tmp, quiet_loggers("onnxruntime.quantization"):
+    # The percentile calibrator prints its progress to stdout.
+    with (tempfile.TemporaryDirectory() as work, atomic_path(int8_path) as tmp,
+          quiet_loggers("onnxruntime.quantization"), contextlib.redirect_stdout(io.StringIO())):
         prepared = Path(work) / "prepared.onnx"  # shapes inferred, graph simplified: what the quantiser expects
         quant_pre_process(str(fp32_path), str(prepared))
         quantize_static(str(prepared), str(tmp), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
                         op_types_to_quantize=["Conv", "MaxPool", "GlobalAveragePool", "Gemm"],
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+                        calibrate_method=CalibrationMethod.Percentile)
 
 
 def suite_predictions(predictors: dict[str, runtimes.Predictor], images: torch.Tensor,

@@ -59,12 +59,16 @@ def cpu_description() -> tuple[str, set[str]]:
     return name, set(flags)
 
 
-def load_predictor(variant: str, work: Path, mirror: bool, options: dict):
-    """The predictor of ``variant`` (``torch-compile``: eager PyTorch under torch.compile)."""
+def load_predictor(variant: str, work: Path, mirror: bool, options: dict, threads: int = 0):
+    """The predictor of ``variant`` (``torch-compile``: eager PyTorch under torch.compile) on
+    ``threads`` threads (0: each runtime's default, one per physical core)."""
     import torch
 
     from neu_model import runtimes
 
+    if threads:
+        torch.set_num_threads(threads)
+        options = options | {"threads": threads}
     models = work / ("mirror" if mirror else "plain")
     if variant.startswith("torch"):
         predictor = runtimes.TorchPredictor(runtimes.probability_model(runtimes.load_network(work / "model.pt"), mirror))
@@ -115,7 +119,7 @@ def worker(args: argparse.Namespace) -> None:
     from neu_model import runtimes
 
     images = np.load(args.workdir / "images.npy")
-    predictor = load_predictor(variant, args.workdir, mirror, options)
+    predictor = load_predictor(variant, args.workdir, mirror, options, args.threads)
     probs = runtimes.predict_all(predictor, images, 64)
     np.save(args.workdir / f"probs-{args.worker}.npy", probs)
     result = {"case": args.worker}
@@ -158,6 +162,7 @@ def prepare(args: argparse.Namespace, work: Path) -> np.ndarray:
 def run_case(case: str, args: argparse.Namespace, work: Path) -> dict | None:
     """Run one case in a fresh process; None (with a note) when it fails."""
     command = [sys.executable, __file__, "--worker", case, "--workdir", str(work), "--passes", str(args.passes),
+               "--threads", str(args.threads),
                "--batches", *map(str, args.batches)]
     print(f"# {case} ...", file=sys.stderr, flush=True)
     done = subprocess.run(command, check=False, capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(ROOT)})
@@ -182,8 +187,8 @@ def add_ratios(rows: list[dict], eager: dict, batches: list[int]) -> None:
     columns = [f"img/s b{b}" for b in batches] + (["img/CPU-s b64"] if 64 in batches else [])
     for row in rows:
         for column in columns:
-            row[f"x eager {column.split()[0].removeprefix('img/')} {column.split()[1]}"] = round(
-                row[column] / eager[column], 2)
+            name = f"x eager {column.split()[1]}" if column.startswith("img/s") else "x eager CPU b64"
+            row[name] = round(row[column] / eager[column], 2)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -194,6 +199,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--passes", type=int, default=5, help="passes over the test images per batch size")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--threads", type=int, default=0,
+                        help="threads of every runtime; 0: their defaults (one per core). 1 compares "
+                             "per core, which a loaded host distorts least")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -227,7 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     print(f"\ntorch {torch.__version__}, onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__}; "
-          f"{args.passes} passes over {len(labels)} test images per batch size; mirror rows match eager + mirror."
+          f"{args.passes} passes over {len(labels)} test images per batch size; "
+          f"threads: {args.threads or 'each runtime its default'}; mirror rows match eager + mirror."
           + (f" Skipped (CPU lacks the instructions): {', '.join(skipped)}." if skipped else ""))
 
 

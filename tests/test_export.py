@@ -1,0 +1,206 @@
+"""The ONNX export and the runtimes: the same probabilities as PyTorch in every runtime and client."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pandas as pd
+import pytest
+import torch
+from conftest import FIXTURE_IMAGES
+
+from neu_model import export, runtimes
+from neu_model.cli import StageError
+from neu_model.config import CLASSES, ROOT
+from neu_model.data import load_images, to_float
+from neu_model.model import build_model, fuse_batchnorm
+
+TOLERANCE = 1e-4  # the stage's fp32 parity tolerance (float rounding, scaled up by LOGIT_SCALE)
+FILES = sorted(FIXTURE_IMAGES.glob("*.bmp"))
+LOGIT_SCALE = 2000
+
+
+def readme_client(model_path, image_paths):
+    """The README's client: numpy, PIL and onnxruntime only, nothing of this project."""
+    import numpy as np
+    import onnxruntime as ort
+    from PIL import Image
+
+    classes = ["Cr", "In", "Pa", "PS", "RS", "Sc"]
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    images = np.stack([np.asarray(Image.open(p).convert("L"), dtype=np.float32) / 255 for p in image_paths])
+    probs = session.run(None, {"images": images[:, None]})[0]  # (N, 1, 200, 200) in, (N, 6) out
+    return [(classes[i], float(row[i])) for row, i in zip(probs, probs.argmax(axis=1))]
+
+
+def seeded_net() -> torch.nn.Module:
+    """An untrained default model with seeded weights and batch-norm statistics of its own.
+
+    Its head is rescaled and centred on the fixture images so that, as with a trained model,
+    probabilities range from near 0 to near 1 and the predicted class varies: an untrained head
+    gives every image about 1/6 per class and the same argmax, which would hide errors.
+    """
+    torch.manual_seed(0)
+    net = build_model("defectnet")
+    with torch.no_grad():
+        net.train()(torch.rand(16, 1, 200, 200))  # running statistics other than 0 and 1
+        net = fuse_batchnorm(net.eval())
+        net.head[-1].weight.mul_(LOGIT_SCALE)
+        net.head[-1].bias.sub_(net(to_float(load_images(FILES))).mean(0))
+    return net
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return to_float(load_images(FILES)).numpy()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict[str, Path]:
+    """The seeded model exported plain and mirror-averaged."""
+    out = tmp_path_factory.mktemp("onnx")
+    paths = {"plain": out / "plain.onnx", "mirror": out / "mirror.onnx"}
+    for name, path in paths.items():
+        model = runtimes.probability_model(export.native_pooling(seeded_net()), mirror=name == "mirror")
+        export.export_onnx(model, path, metadata={"mirror": str(name == "mirror").lower()})
+    return paths
+
+
+def torch_probs(x: np.ndarray, mirror: bool = False) -> np.ndarray:
+    return runtimes.TorchPredictor(runtimes.probability_model(seeded_net(), mirror)).predict(x)
+
+
+def test_native_pooling_gives_the_same_numbers():
+    x = torch.rand(3, 1, 200, 200)
+    with torch.no_grad():
+        assert (seeded_net()(x) - export.native_pooling(seeded_net())(x)).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("n", [1, 5, 30])  # 30: chunks of CHUNK run in parallel
+def test_onnx_matches_torch_for_any_batch_size(exported, images, n):
+    assert runtimes.CHUNK < 30  # so that the largest batch takes the chunked path
+    probs = runtimes.OnnxPredictor(exported["plain"]).predict(images[:n])
+    expected = torch_probs(images[:n])
+    assert probs.shape == (n, len(CLASSES))
+    assert np.abs(probs - expected).max() < TOLERANCE
+    assert (probs.argmax(1) == expected.argmax(1)).all()
+
+
+def test_onnx_rows_are_probabilities(exported, images):
+    probs = runtimes.OnnxPredictor(exported["plain"]).predict(images)
+    assert (probs >= 0).all() and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_mirror_graph_averages_each_image_with_its_mirror_image(exported, images):
+    probs = runtimes.OnnxPredictor(exported["mirror"]).predict(images[:7])
+    net = seeded_net()
+    with torch.no_grad():
+        x = torch.from_numpy(images[:7])
+        expected = ((net(x).softmax(1) + net(x.flip(-1)).softmax(1)) / 2).numpy()
+    assert np.abs(probs - expected).max() < TOLERANCE
+    assert np.abs(probs - torch_probs(images[:7])).max() > 1e-3  # the mirror image does change the answer
+    assert np.abs(probs - torch_probs(images[:7], mirror=True)).max() < TOLERANCE
+
+
+@pytest.mark.parametrize("n", [1, 5, 30])  # 30: chunks of CHUNK run in parallel, the last one padded
+def test_openvino_fp32_agrees_with_torch(exported, images, n):
+    for path, mirror in ((exported["plain"], False), (exported["mirror"], True)):
+        probs = runtimes.OpenVinoPredictor(path).predict(images[:n])
+        assert probs.shape == (n, len(CLASSES))
+        assert np.abs(probs - torch_probs(images[:n], mirror)).max() < TOLERANCE
+
+
+def test_plain_client_reproduces_the_predictions(exported, images):
+    answers = readme_client(exported["plain"], FILES)
+    expected = torch_probs(images)
+    assert [c for c, _ in answers] == [CLASSES[i] for i in expected.argmax(1)]
+    assert np.allclose([p for _, p in answers], expected.max(1), atol=TOLERANCE)
+
+
+def test_the_file_states_its_contract(exported):
+    model = onnx.load(exported["mirror"])
+    props = {p.key: p.value for p in model.metadata_props}
+    assert props["classes"] == ",".join(CLASSES) and props["mirror"] == "true"
+    (image,), (output,) = model.graph.input, model.graph.output
+    assert [d.dim_param or d.dim_value for d in image.type.tensor_type.shape.dim] == ["batch", 1, 200, 200]
+    assert [d.dim_param or d.dim_value for d in output.type.tensor_type.shape.dim] == ["batch", len(CLASSES)]
+
+
+def test_predictors_refuse_a_batch_without_channel_axis(exported, images):
+    with pytest.raises(ValueError, match=r"expected float32 \(N, 1, H, W\)"):
+        runtimes.OnnxPredictor(exported["plain"]).predict(images[:2, 0])
+
+
+FP32 = {"changed_predictions": 0, "max_prob_diff": 3e-8, "errors": 10, "robustness_mean": 0.9}
+
+
+@pytest.mark.parametrize(("name", "figures", "kept"), [
+    ("onnx", FP32, True),
+    ("onnx", FP32 | {"changed_predictions": 1}, False),
+    ("openvino", FP32 | {"max_prob_diff": 2e-4}, False),
+    ("onnx-int8", FP32 | {"changed_predictions": 4, "errors": 11, "robustness_mean": 0.8975}, True),
+    ("onnx-int8", FP32 | {"errors": 12}, False),
+    ("openvino-bf16", FP32 | {"errors": 8}, False),
+    ("openvino-int8", FP32 | {"robustness_mean": 0.896}, False),
+])
+def test_verdict_applies_the_rules(name, figures, kept):
+    args = export.get_args_parser().parse_args([])
+    assert export.verdict(name, figures, FP32, args)[0] is kept
+
+
+def test_fastest_passing_falls_back_to_torch(tmp_path, exported):
+    torch.save({"model_name": "defectnet", "state_dict": build_model("defectnet").state_dict()}, tmp_path / "model.pt")
+    assert runtimes.fastest_passing(None, tmp_path) == "torch"
+    # kept, but its file is not here: left out
+    assert runtimes.fastest_passing({"variants": {"onnx": {"kept": True}}}, tmp_path) == "torch"
+    (tmp_path / "model.pt").unlink()
+    (tmp_path / "model.onnx").write_bytes(exported["plain"].read_bytes())
+    assert runtimes.fastest_passing({"variants": {"onnx": {"kept": True}}}, tmp_path) == "onnx"
+    assert runtimes.fastest_passing({"variants": {"onnx": {"kept": False}}}, tmp_path) == "torch"
+
+
+def test_runtimes_load_no_training_tracking_or_runtime_packages():
+    code = ("import sys, neu_model.runtimes; print(sorted(m for m in ('onnxruntime', 'openvino', 'mlflow', "
+            "'matplotlib', 'neu_model.train', 'neu_model.tracking') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_missing_files_are_one_line_errors(tmp_path):
+    with pytest.raises(StageError, match="model.onnx: not exported; run the export stage"):
+        runtimes.load_predictor("onnx", tmp_path)
+    with pytest.raises(StageError, match="unknown runtime 'tensorrt'"):
+        runtimes.load_predictor("tensorrt", tmp_path)
+    bad = subprocess.run([sys.executable, "-m", "neu_model.export", "--model", str(tmp_path / "model.pt")], check=False,
+                         cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'model.pt'}: no trained model; run the pipeline first (make pipeline)"]
+
+
+@pytest.mark.slow
+def test_stage_writes_graphs_and_a_report(tmp_path):
+    files = [f.name for f in FILES]
+    pd.DataFrame({"file": files, "label": [f.split("_")[0] for f in files],
+                  "split": ["test" if i % 3 == 0 else "train" for i in range(len(files))]}).to_csv(
+        tmp_path / "split.csv", index=False)
+    torch.manual_seed(0)
+    torch.save({"model_name": "defectnet", "state_dict": build_model("defectnet").state_dict()}, tmp_path / "model.pt")
+    export.main(["--model", str(tmp_path / "model.pt"), "--split", str(tmp_path / "split.csv"),
+                 "--images", str(FIXTURE_IMAGES), "--out-dir", str(tmp_path / "models"),
+                 "--report", str(tmp_path / "export.json"), "--mirror", "--calibration-images", "8"])
+    report = json.loads((tmp_path / "export.json").read_text())
+    assert report["mirror"] is True and report["n_test"] == 10
+    for name in ("onnx", "openvino"):
+        figures = report["variants"][name]
+        assert figures["kept"] and figures["changed_predictions"] == 0 and figures["max_prob_diff"] < 1e-4
+        assert figures["accuracy"] == report["reference"]["accuracy"]
+    for name in ("openvino-bf16", "onnx-int8", "openvino-int8"):
+        assert isinstance(report["variants"][name]["kept"], bool) and report["variants"][name]["reason"]
+    assert report["offered"] == [n for n, v in report["variants"].items() if v["kept"]]
+    props = {p.key: p.value for p in onnx.load(tmp_path / "models" / "model.onnx").metadata_props}
+    assert props["mirror"] == "true"
+    int8 = onnx.load(tmp_path / "models" / "model.int8.onnx")
+    assert any(node.op_type == "QuantizeLinear" for node in int8.graph.node)

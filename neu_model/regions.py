@@ -20,7 +20,6 @@ from scipy import ndimage
 from neu_model.model import surface_basis
 
 POLARITIES = ("dark", "bright", "both")
-EXTENSIONS = ("none", "rows", "cols")
 
 
 @dataclass(frozen=True)
@@ -40,8 +39,6 @@ class RegionParams:
         keep: regions whose score (heat summed over the region) is below this share of the top
             region's are dropped.
         max_regions: at most this many regions, best first.
-        extend: ``rows`` stretches every box over the image's full height (defects that run along
-            the strip, e.g. pitted surfaces), ``cols`` over its full width, ``none`` keeps it.
         cam_power: exponent of the Grad-CAM map in ``combined`` (0: image evidence only).
     """
 
@@ -54,30 +51,25 @@ class RegionParams:
     min_area: int = 30
     keep: float = 0.5
     max_regions: int = 5
-    extend: str = "none"
     cam_power: float = 1.0
 
     def __post_init__(self) -> None:
         if self.polarity not in POLARITIES:
             raise ValueError(f"polarity {self.polarity!r}: choose one of {POLARITIES}")
-        if self.extend not in EXTENSIONS:
-            raise ValueError(f"extend {self.extend!r}: choose one of {EXTENSIONS}")
         if not 0 < self.threshold < 1 or not 0 <= self.keep <= 1:
             raise ValueError(f"threshold {self.threshold} must be in (0, 1) and keep {self.keep} in [0, 1]")
 
 
-_BASIS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+_BASIS: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
 
 def detrend(image: np.ndarray) -> np.ndarray:
     """The image minus its least-squares quadric surface (the model's ``Detrend``, at full resolution)."""
-    size = image.shape[0]
-    if image.shape[0] != image.shape[1]:
-        raise ValueError(f"square images only, got {image.shape}")
-    if size not in _BASIS:
-        basis = surface_basis(2, size, size).double().numpy()
-        _BASIS[size] = (basis, basis / (basis * basis).sum(0))
-    basis, projector = _BASIS[size]
+    shape = image.shape
+    if shape not in _BASIS:
+        basis = surface_basis(2, *shape).double().numpy()
+        _BASIS[shape] = (basis, basis / (basis * basis).sum(0))
+    basis, projector = _BASIS[shape]
     flat = image.astype(np.float64).ravel()
     return (flat - basis @ (flat @ projector)).reshape(image.shape)
 
@@ -102,10 +94,16 @@ def evidence(z: np.ndarray, polarity: str, k: float) -> np.ndarray:
 
 def spread_map(evidence_map: np.ndarray, spread: tuple[float, float]) -> np.ndarray:
     """Evidence density: the evidence blurred by an anisotropic Gaussian, computed at half
-    resolution (the spreads are several pixels, and it quarters the cost) and upsampled back."""
-    half = evidence_map.reshape(evidence_map.shape[0] // 2, 2, evidence_map.shape[1] // 2, 2).mean((1, 3))
+    resolution (the spreads are several pixels, and it quarters the cost) and upsampled back.
+
+    Blurring the graded binary map and cutting it at a share of its maximum (``heat_regions``)
+    acts as a closing (nearby shadows merge) and an opening (isolated specks fall below the cut).
+    """
+    h, w = evidence_map.shape
+    even = np.pad(evidence_map, ((0, h % 2), (0, w % 2)), mode="edge")
+    half = even.reshape(even.shape[0] // 2, 2, even.shape[1] // 2, 2).mean((1, 3))
     blurred = ndimage.gaussian_filter(half, (spread[0] / 2, spread[1] / 2), mode="nearest")
-    return np.kron(blurred, np.ones((2, 2)))
+    return np.kron(blurred, np.ones((2, 2)))[:h, :w]
 
 
 def classical_heat(image: np.ndarray, params: RegionParams) -> np.ndarray:
@@ -137,28 +135,4 @@ def heat_regions(heat: np.ndarray, params: RegionParams, weights: np.ndarray | N
         rows = [[slices[best][1].start, slices[best][0].start, slices[best][1].stop, slices[best][0].stop,
                  score[best]]]
     boxes = np.array(sorted(rows, key=lambda r: -r[4]), float)
-    boxes = boxes[boxes[:, 4] >= params.keep * boxes[0, 4]][: params.max_regions]
-    if params.extend == "rows":
-        boxes[:, [1, 3]] = (0, h)
-    elif params.extend == "cols":
-        boxes[:, [0, 2]] = (0, w)
-    return merge_overlapping(boxes) if params.extend != "none" else boxes
-
-
-def merge_overlapping(boxes: np.ndarray) -> np.ndarray:
-    """Union boxes that overlap (stretched boxes often do) until none does; scores add up."""
-    merged = [list(b) for b in boxes]
-    changed = True
-    while changed:
-        changed = False
-        for i in range(len(merged)):
-            for j in range(i + 1, len(merged)):
-                a, b = merged[i], merged[j]
-                if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]:
-                    merged[i] = [min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]), a[4] + b[4]]
-                    del merged[j]
-                    changed = True
-                    break
-            if changed:
-                break
-    return np.array(sorted(merged, key=lambda r: -r[4]), float)
+    return boxes[boxes[:, 4] >= params.keep * boxes[0, 4]][: params.max_regions]

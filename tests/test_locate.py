@@ -264,3 +264,26 @@ def test_locate_loads_no_training_code_mlflow_or_matplotlib():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                           env=os.environ | {"PYTHONPATH": str(ROOT)}, timeout=300)
     assert done.stdout.strip() == ""
+
+
+# --- figures -------------------------------------------------------------------------------
+
+def test_gallery_shows_every_misclassified_image_then_some_of_each_class():
+    from neu_model.overlays import gallery_indices
+
+    labels = [0, 0, 0, 1, 1, 2]
+    predicted = [0, 1, 0, 1, 1, 2]
+    assert gallery_indices(labels, predicted, per_class=1) == [1, 0, 3, 5]
+    assert gallery_indices(labels, predicted, per_class=2) == [1, 0, 2, 3, 4, 5]
+
+
+def test_locate_gallery_writes_a_png_of_the_chosen_images(tmp_path):
+    from neu_model.overlays import locate_gallery
+
+    files = ["Cr_1.bmp", "In_2.bmp", "RS_3.bmp"]
+    images = load_images([FIXTURE_IMAGES / f for f in files])
+    torch.manual_seed(0)
+    shown = locate_gallery(build_model("defectnet").eval(), images, torch.tensor([0, 1, 4]), files,
+                           read_boxes(BOXES_CSV), tmp_path / "gallery.png", per_class=1)
+    assert set(shown) <= set(files) and len(shown) >= 1
+    assert (tmp_path / "gallery.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--choose-on", choices=["trainval", "val"], default="trainval")
     parser.add_argument("--min-precision", type=float, default=0.55,
                         help="the search keeps more regions per image while precision stays above this")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="keep the search's model-free first step in this JSON file (reused when the grid matches)")
     parser.add_argument("--gallery", type=Path, default=None, help="write the test overlays gallery here")
     parser.add_argument("--json", type=Path, default=None, help="also write both reports here")
     parser.add_argument("--threads", type=int, default=1)

@@ -1,44 +1,48 @@
 """The search behind ``neu_model.locate.DEFAULT_LOCATE``: knobs chosen by their box figures on the
 choosing images (the train and validation parts, or validation alone), never on the test part.
 
-The rule, in three steps, each scored on the true class's images (the class a knob belongs to):
+The rule, each step scored on the images of the class the knobs belong to:
 
-1. Coarse: every combination of ``COARSE`` for each class on a fixed subsample of
-   ``SUBSAMPLE`` choosing images per class; the ``FINALISTS`` best by box accuracy (then pointing)
-   go on.
-2. Fine: the finalists on all choosing images, each with every ``KEEP`` x ``MAX_REGIONS``. One
-   (knobs, keep, max_regions) per class is chosen to maximise recall + box accuracy over all
-   classes subject to precision >= ``min_precision``: per class the option maximising
-   ``matched + lam * (matched - min_precision * regions) + mu * hits``, over a grid of lam, mu.
-3. Model: the combined method's CAM stage, kind and power, and the ``gradcam`` method's cut, by
-   box accuracy + recall of the whole choosing set with precision >= ``min_precision``.
+1. Coarse, without the model: every combination of ``COARSE`` on ``SUBSAMPLE`` choosing images a
+   class; finalists are the ``FINALISTS`` best by box accuracy (then pointing) and the
+   ``FINALISTS`` best by matched - ``min_precision`` x regions at their best keep x max_regions.
+2. Fine, for the classical method and for the combined method with each of ``CAM_OPTIONS``: the
+   finalists on all choosing images with every ``KEEP`` x ``MAX_REGIONS``. One (knobs, keep,
+   max_regions) per class maximises recall + box accuracy over all classes with precision >=
+   ``min_precision`` (per class the option maximising ``matched + lam * (matched - min_precision *
+   regions) + mu * hits``, over a grid of lam and mu). The best of the methods is chosen.
+3. The ``gradcam`` method's cut of its map: the best box accuracy among ``CAM_THRESHOLDS``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from neu_model.boxes import boxes_by_file, greedy_matches, iou_matrix, points_inside
+from neu_model.boxes import boxes_by_file, iou_matrix, points_inside, prefix_matches
+from neu_model.cam import class_maps
 from neu_model.config import CLASSES
 from neu_model.data import ImageSet, load_split
 from neu_model.locate import LocateParams, localisation_report
-from neu_model.regions import RegionParams, classical_heat, heat_regions
+from neu_model.regions import RegionParams, deviations, evidence, heat_regions, spread_map
 
 POLARITIES = {"Cr": ("dark",), "In": ("dark",), "Pa": ("dark",), "PS": ("dark", "both"), "RS": ("dark",),
               "Sc": ("bright", "both")}  # the shadows each defect casts (bright: scratches catch the light)
 COARSE = {"background": (0.0, 12.0, 24.0), "k": (0.0, 0.5, 1.0, 1.5), "sy": (4.0, 8.0, 16.0, 28.0),
           "sx": (4.0, 8.0, 16.0, 28.0), "threshold": (0.1, 0.17, 0.25, 0.35, 0.5)}
-KEEP = (0.0, 0.1, 0.25, 0.5)
-MAX_REGIONS = (1, 2, 3, 5, 10)
-SUBSAMPLE, FINALISTS = 40, 6
+KEEP = (0.0, 0.05, 0.1, 0.25, 0.5)
+MAX_REGIONS = (1, 2, 3, 4, 5, 7, 10)
+SUBSAMPLE, FINALISTS = 40, 4
 CAM_OPTIONS = [(stage, kind, power) for stage in (2, 3) for kind in ("gradcam", "layercam") for power in (0.5, 1.0)]
 CAM_THRESHOLDS = (0.15, 0.3, 0.5)
+SMOOTH = RegionParams().smooth
 
 
 def _configs(code: str) -> list[RegionParams]:
@@ -48,33 +52,37 @@ def _configs(code: str) -> list[RegionParams]:
             for p, b, k, sy, sx, t in grid]
 
 
-def _score(images, files, truth, configs: list[RegionParams]) -> pd.DataFrame:
-    """One row per (config, image): hit, point and, per keep x max_regions, matched and regions."""
+def _score(images, files, truth, configs: list[RegionParams], weights=None) -> pd.DataFrame:
+    """One row per (config, image): hit, point and, per keep x max_regions, matched (m) and regions (n)."""
     rows = []
-    for image, file in zip(images, files, strict=True):
-        boxes, last, heat = truth[file], None, None
+    for j, (image, file) in enumerate(zip(images, files, strict=True)):
+        boxes, cache = truth[file], {}
         for index, knobs in enumerate(configs):
-            key = (knobs.polarity, knobs.background, knobs.k, knobs.spread)
-            if key != last:  # configs differing only in threshold come in a row and share one heat map
-                heat, last = classical_heat(image, knobs), key
-            regions = heat_regions(heat, knobs)
+            # The same classical_heat as regions.py, its stages cached: configs share them.
+            z_key, e_key, h_key = knobs.background, (knobs.background, knobs.polarity, knobs.k), (
+                knobs.background, knobs.polarity, knobs.k, knobs.spread)
+            if z_key not in cache:
+                cache[z_key] = deviations(image, SMOOTH, knobs.background)
+            if e_key not in cache:
+                cache[e_key] = evidence(cache[z_key], knobs.polarity, knobs.k)
+            if h_key not in cache:
+                cache[h_key] = spread_map(cache[e_key], knobs.spread)
+            regions = heat_regions(cache[h_key], knobs, None if weights is None else weights[j])
             top = regions[0]
+            matched = prefix_matches(regions, boxes)
             row = {"config": index, "hit": iou_matrix(regions[:1], boxes).max() >= 0.5,
                    "point": points_inside((top[0] + top[2]) / 2, (top[1] + top[3]) / 2, boxes)}
             for keep in KEEP:
-                kept = regions[regions[:, 4] >= keep * top[4]]
+                kept = int((regions[:, 4] >= keep * top[4]).sum())
                 for most in MAX_REGIONS:
-                    row[f"m{keep}_{most}"] = greedy_matches(kept[:most], boxes)
-                    row[f"n{keep}_{most}"] = min(len(kept), most)
+                    row[f"m{keep}_{most}"], row[f"n{keep}_{most}"] = matched[min(kept, most)], min(kept, most)
             rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _class_images(data, code: str, truth: dict, limit: int | None = None, seed: int = 0):
+def _class_index(data: ImageSet, code: str, truth: dict, limit: int | None = None) -> list[int]:
     idx = [i for i, f in enumerate(data.files) if f.startswith(f"{code}_") and f in truth]
-    if limit is not None and len(idx) > limit:
-        idx = sorted(random.Random(seed).sample(idx, limit))
-    return [data.images[i, 0].numpy() for i in idx], [data.files[i] for i in idx]
+    return sorted(random.Random(0).sample(idx, limit)) if limit is not None and len(idx) > limit else idx
 
 
 def _options(scores: pd.DataFrame, configs: list[RegionParams], code: str, boxes: int) -> pd.DataFrame:
@@ -88,7 +96,7 @@ def _options(scores: pd.DataFrame, configs: list[RegionParams], code: str, boxes
     return pd.DataFrame(rows)
 
 
-def choose_counts(options: pd.DataFrame, images: int, min_precision: float) -> pd.DataFrame:
+def choose_counts(options: pd.DataFrame, images: int, min_precision: float) -> tuple[pd.DataFrame | None, float]:
     """One option per class maximising recall + box accuracy with precision >= ``min_precision``."""
     total_boxes = options.groupby("class")["boxes"].first().sum()
     best, best_value = None, -1.0
@@ -100,57 +108,74 @@ def choose_counts(options: pd.DataFrame, images: int, min_precision: float) -> p
         objective = matched / total_boxes + chosen["hits"].sum() / images
         if matched >= min_precision * regions and objective > best_value:
             best, best_value = chosen, objective
-    return best
+    return best, best_value
 
 
-def search_classical(data, truth: dict, min_precision: float) -> dict[str, RegionParams]:
-    """Steps 1 and 2: per-class knobs of the classical regions."""
-    options = []
+def finalists(data: ImageSet, truth: dict, min_precision: float, cache: Path | None) -> dict[str, list[dict]]:
+    """Step 1 (model-free; stored in ``cache`` when given, and read from it when it holds this grid)."""
+    key = json.dumps({"coarse": COARSE, "pol": POLARITIES, "n": SUBSAMPLE, "f": FINALISTS, "p": min_precision,
+                      "files": len(data.files)})
+    if cache is not None and cache.is_file() and json.loads(cache.read_text()).get("key") == key:
+        return json.loads(cache.read_text())["finalists"]
+    chosen = {}
     for code in CLASSES:
         configs = _configs(code)
-        coarse = _score(*_class_images(data, code, truth, SUBSAMPLE), truth, configs)
-        ranked = coarse.groupby("config")[["hit", "point"]].mean().sort_values(["hit", "point"], ascending=False)
-        finalists = [configs[i] for i in ranked.index[:FINALISTS]]
-        images, files = _class_images(data, code, truth)
-        fine = _score(images, files, truth, finalists)
-        options.append(_options(fine, finalists, code, sum(len(truth[f]) for f in files)))
-        print(f"# {code}: {len(configs)} coarse configs on {SUBSAMPLE} images, {FINALISTS} on {len(files)}",
-              flush=True)
-    chosen = choose_counts(pd.concat(options, ignore_index=True), len(data.files), min_precision)
-    return dict(zip(chosen["class"], chosen["knobs"], strict=True))
+        idx = _class_index(data, code, truth, SUBSAMPLE)
+        scores = _score([data.images[i, 0].numpy() for i in idx], [data.files[i] for i in idx], truth, configs)
+        by_acc = scores.groupby("config")[["hit", "point"]].mean().sort_values(["hit", "point"], ascending=False)
+        summed = scores.groupby("config").sum(numeric_only=True)
+        utility = pd.concat([summed[f"m{k}_{m}"] - min_precision * summed[f"n{k}_{m}"]
+                             for k, m in itertools.product(KEEP, MAX_REGIONS)], axis=1).max(axis=1)
+        best_utility = utility.sort_values(ascending=False).index[:FINALISTS]
+        picked = list(dict.fromkeys([*by_acc.index[:FINALISTS], *best_utility]))
+        chosen[code] = [dataclasses.asdict(configs[i]) for i in picked]
+        print(f"# {code}: {len(configs)} coarse configs on {len(idx)} images -> {len(picked)} finalists", flush=True)
+    if cache is not None:
+        cache.write_text(json.dumps({"key": key, "finalists": chosen}, indent=1))
+    return chosen
 
 
-def _objective(report: dict, method: str, min_precision: float) -> float:
-    o = report["methods"][method]["overall"]
-    return o["box_accuracy"] + o["recall"] if o["precision"] >= min_precision else o["box_accuracy"] - 1
+def fine(data: ImageSet, truth: dict, picked: dict, weights, min_precision: float) -> tuple[dict | None, float]:
+    """Step 2 for one method: the per-class knobs and the objective."""
+    options = []
+    for code in CLASSES:
+        configs = [RegionParams(**{**d, "spread": tuple(d["spread"])}) for d in picked[code]]
+        idx = _class_index(data, code, truth)
+        scores = _score([data.images[i, 0].numpy() for i in idx], [data.files[i] for i in idx], truth, configs,
+                        None if weights is None else [weights[i] for i in idx])
+        options.append(_options(scores, configs, code, sum(len(truth[data.files[i]]) for i in idx)))
+    chosen, value = choose_counts(pd.concat(options, ignore_index=True), len(data.files), min_precision)
+    return (None if chosen is None else dict(zip(chosen["class"], chosen["knobs"], strict=True))), value
 
 
 def search(model, args, choose_on: str, min_precision: float) -> tuple[LocateParams, str, dict]:
-    """All three steps; returns the params, the rule in words and a params.yaml ``locate:`` section."""
+    """All steps; returns the params, the rule in words and a params.yaml ``locate:`` section."""
     parts = ["train", "val"] if choose_on == "trainval" else ["val"]
     loaded = [load_split(p, args.split, args.images) for p in parts]
     data = ImageSet(files=sum((d.files for d in loaded), ()), images=torch.cat([d.images for d in loaded]),
                     labels=torch.cat([d.labels for d in loaded]))
     truth = boxes_by_file(args.boxes_table)
-    per_class = search_classical(data, truth, min_precision)
-    best, best_value = None, -2.0
+    picked = finalists(data, truth, min_precision, getattr(args, "cache", None))
+    knobs, value = fine(data, truth, picked, None, min_precision)
+    best = (LocateParams(method="classical", classes=knobs), value)
+    print(f"# classical: objective {value:.4f}", flush=True)
+    maps = {}
     for stage, kind, power in CAM_OPTIONS:
-        classes = {c: dataclasses.replace(k, cam_power=power) for c, k in per_class.items()}
-        params = LocateParams(method="combined", cam_stage=stage, cam_kind=kind, classes=classes)
-        report = localisation_report(model, data.images, data.labels, data.files, args.boxes_table, params,
-                                     ["combined", "gradcam"])
-        value = _objective(report, "combined", min_precision)
-        print(f"# combined with {kind} stage {stage} power {power}: {report['methods']['combined']['overall']}",
-              flush=True)
-        if value > best_value:
-            best, best_value = params, value
+        if (stage, kind) not in maps:  # the predicted class's map, as locate uses it
+            maps = {(stage, kind): class_maps(model, data.images, stage, kind=kind)[0].numpy()}
+        knobs, value = fine(data, truth, picked, maps[stage, kind] ** power, min_precision)
+        print(f"# combined, {kind} stage {stage} power {power}: objective {value:.4f}", flush=True)
+        if knobs is not None and value > best[1]:
+            classes = {c: dataclasses.replace(k, cam_power=power) for c, k in knobs.items()}
+            best = (LocateParams(method="combined", cam_stage=stage, cam_kind=kind, classes=classes), value)
+    params = best[0]
     cut = max(CAM_THRESHOLDS, key=lambda t: localisation_report(
         model, data.images, data.labels, data.files, args.boxes_table,
-        dataclasses.replace(best, cam_threshold=t), ["gradcam"])["methods"]["gradcam"]["overall"]["box_accuracy"])
-    best = dataclasses.replace(best, cam_threshold=cut)
+        dataclasses.replace(params, cam_threshold=t), ["gradcam"])["methods"]["gradcam"]["overall"]["box_accuracy"])
+    params = dataclasses.replace(params, cam_threshold=cut)
     rule = (f"searched on {choose_on} ({len(data.files)} images): coarse grid on {SUBSAMPLE} images a class, "
-            f"{FINALISTS} finalists on all, recall + box accuracy with precision >= {min_precision}")
-    return best, rule, to_section(best)
+            f"finalists on all; recall + box accuracy with precision >= {min_precision}; objective {best[1]:.4f}")
+    return params, rule, to_section(params)
 
 
 def to_section(params: LocateParams) -> dict:

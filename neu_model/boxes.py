@@ -233,18 +233,27 @@ def greedy_matches(regions: np.ndarray | Sequence, boxes: np.ndarray | Sequence,
     overlaps most, if that overlap is at least ``min_iou``. Recall is the count over the boxes,
     precision the count over the regions.
     """
+    return int(prefix_matches(regions, boxes, min_iou)[-1])
+
+
+def prefix_matches(regions: np.ndarray | Sequence, boxes: np.ndarray | Sequence, min_iou: float = 0.5) -> np.ndarray:
+    """``greedy_matches`` of the first 0, 1, ..., n regions: an array of n + 1 counts.
+
+    Greedy matching never revisits a region, so one pass gives every prefix (every "keep the
+    best n regions" rule) at once.
+    """
+    counts = np.zeros(len(regions) + 1, int)
     if len(regions) == 0 or len(boxes) == 0:
-        return 0
+        return counts
     overlaps = iou_matrix(regions, boxes)
     free = np.ones(overlaps.shape[1], bool)
-    hits = 0
-    for row in overlaps:
+    for i, row in enumerate(overlaps):
         candidates = np.where(free & (row >= min_iou), row, -1.0)
         best = int(candidates.argmax())
-        if candidates[best] >= 0:
-            free[best] = False
-            hits += 1
-    return hits
+        hit = candidates[best] >= 0
+        free[best] &= not hit
+        counts[i + 1] = counts[i] + hit
+    return counts
 
 
 def points_inside(x: float, y: float, boxes: np.ndarray | Sequence, tolerance: float = POINTING_TOLERANCE) -> bool:

@@ -124,9 +124,9 @@ def heat_regions(heat: np.ndarray, params: RegionParams, weights: np.ndarray | N
     if not np.isfinite(top) or top <= 0:
         return np.array([[0, 0, w, h, 0.0]])
     labels, count = ndimage.label(heat >= params.threshold * top, structure=np.ones((3, 3)))
-    index = np.arange(1, count + 1)
-    area = ndimage.sum_labels(np.ones_like(heat), labels, index)
-    score = ndimage.sum_labels(heat if weights is None else heat * weights, labels, index)
+    flat = labels.ravel()
+    area = np.bincount(flat, minlength=count + 1)[1:]
+    score = np.bincount(flat, (heat if weights is None else heat * weights).ravel(), minlength=count + 1)[1:]
     slices = ndimage.find_objects(labels)
     rows = [[s[1].start, s[0].start, s[1].stop, s[0].stop, sc]
             for s, a, sc in zip(slices, area, score, strict=True) if a >= params.min_area]

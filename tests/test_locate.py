@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from neu_model.boxes import boxes_by_file, greedy_matches, iou_matrix, points_inside, read_boxes
+from neu_model.boxes import boxes_by_file, greedy_matches, iou_matrix, points_inside, prefix_matches, read_boxes
 from neu_model.cam import class_maps
 from neu_model.cli import StageError
 from neu_model.config import CLASSES, ROOT
@@ -57,6 +57,16 @@ def test_greedy_matching_is_one_to_one_and_takes_regions_in_order():
     assert greedy_matches(regions, boxes) == 2
     assert greedy_matches(regions, boxes, min_iou=0.9) == 1  # 100/120 < 0.9
     assert greedy_matches([], boxes) == 0
+
+
+def test_prefix_matches_count_every_best_n_rule_in_one_pass():
+    rng = np.random.default_rng(1)
+    corners = rng.uniform(0, 150, (12, 2))
+    regions = np.hstack([corners, corners + rng.uniform(10, 50, (12, 2))])
+    boxes = regions[::3] + rng.uniform(-4, 4, (4, 4))
+    counts = prefix_matches(regions, boxes)
+    assert counts.tolist() == [greedy_matches(regions[:n], boxes) for n in range(len(regions) + 1)]
+    assert counts[-1] >= 1 and (np.diff(counts) >= 0).all()
 
 
 def test_pointing_tolerance_is_fifteen_pixels():

@@ -1,0 +1,245 @@
+"""Where the defect is: scored regions ``[x0, y0, x1, y1, score]`` per image, and how well they
+match NEU-DET's boxes.
+
+Methods (``METHODS``):
+
+- ``whole_image``: one box over the whole image (the reference every method must beat).
+- ``classical``: the original design, the image's own shadows (``neu_model.regions``).
+- ``gradcam``: the predicted class's CAM map (``neu_model.cam``) cut into regions.
+- ``combined``: the classical regions, each scored by its heat weighted with the CAM map raised
+  to ``cam_power``: the image gives sharp extents, the model says which shadows are its class's.
+
+The knobs of every method except ``whole_image`` are per predicted class (``LocateParams``);
+the defaults (``DEFAULT_LOCATE``) were chosen on the train and validation images of the seed-0
+split (``benchmarks/bench_locate.py``). Inference code: no training code, MLflow or matplotlib.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from neu_model.boxes import boxes_by_file, greedy_matches, iou_matrix, points_inside
+from neu_model.cam import CAM_KINDS, class_maps
+from neu_model.config import CLASSES
+from neu_model.regions import RegionParams, classical_heat, heat_regions
+
+METHODS = ("whole_image", "classical", "gradcam", "combined")
+MODEL_METHODS = ("gradcam", "combined")  # the methods that need the model's maps
+
+
+@dataclass(frozen=True)
+class LocateParams:
+    """A method, its CAM maps and its knobs per class (classes not listed get ``default``).
+
+    Attributes:
+        method: the method reported as the chosen one (one of ``METHODS``).
+        cam_stage: index of the convolution stage the CAM maps come from (``cam.cam_layers``).
+        cam_kind: ``gradcam`` or ``layercam``.
+        cam_threshold: share of its maximum at which the ``gradcam`` method cuts a CAM map.
+    """
+
+    method: str = "combined"
+    cam_stage: int = 3
+    cam_kind: str = "layercam"
+    cam_threshold: float = 0.3
+    default: RegionParams = field(default_factory=RegionParams)
+    classes: Mapping[str, RegionParams] = field(default_factory=dict)
+
+    def for_class(self, code: str) -> RegionParams:
+        return self.classes.get(code, self.default)
+
+
+def params_from_dict(raw: Mapping) -> LocateParams:
+    """``LocateParams`` from a params.yaml-style ``locate:`` section.
+
+    Top-level keys are ``method``, ``cam_stage``, ``cam_kind``, ``cam_threshold``, any
+    ``RegionParams`` field (the default of every class) and ``classes: {Cr: {field: value}}``.
+
+    Raises:
+        ValueError: an unknown key, class, method or value, named in the message.
+    """
+    raw = dict(raw)
+    top = {f.name: raw.pop(f.name) for f in dataclasses.fields(LocateParams)
+           if f.name in raw and f.name not in ("default", "classes")}
+    per_class = raw.pop("classes", None) or {}
+    unknown = sorted(set(per_class) - set(CLASSES))
+    if unknown:
+        raise ValueError(f"locate.classes {unknown}: use class codes among {list(CLASSES)}")
+    default = _region(raw, RegionParams(), "locate")
+    params = LocateParams(**top, default=default,
+                          classes={c: _region(v, default, f"locate.classes.{c}") for c, v in per_class.items()})
+    if params.method not in METHODS:
+        raise ValueError(f"locate.method {params.method!r}: choose one of {METHODS}")
+    if params.cam_kind not in CAM_KINDS:
+        raise ValueError(f"locate.cam_kind {params.cam_kind!r}: choose one of {CAM_KINDS}")
+    return params
+
+
+def _region(values: Mapping, base: RegionParams, where: str) -> RegionParams:
+    known = [f.name for f in dataclasses.fields(RegionParams)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; known: {known}")
+    values = dict(values)
+    if "spread" in values:
+        values["spread"] = tuple(float(s) for s in values["spread"])
+    return dataclasses.replace(base, **values)
+
+
+# Chosen by benchmarks/bench_locate.py --search on the train and validation images (seed-0 split).
+DEFAULT_LOCATE = params_from_dict({
+    "method": "combined", "cam_stage": 3, "cam_kind": "layercam", "cam_threshold": 0.3,
+    "classes": {
+        "Cr": {"polarity": "dark", "k": 1.0, "spread": [4, 28], "threshold": 0.1},
+        "In": {"polarity": "dark", "k": 1.0, "spread": [16, 4], "threshold": 0.1},
+        "Pa": {"polarity": "dark", "k": 0.5, "spread": [8, 4], "threshold": 0.25},
+        "PS": {"polarity": "dark", "k": 0.0, "spread": [28, 16], "threshold": 0.1},
+        "RS": {"polarity": "dark", "k": 1.0, "spread": [8, 8], "threshold": 0.1},
+        "Sc": {"polarity": "bright", "k": 1.0, "spread": [8, 4], "threshold": 0.25},
+    },
+})
+
+
+@dataclass(frozen=True)
+class Located:
+    """One image's answer: regions (n, 5) best first, the heat map they were cut from (maximum 1,
+    all zero without evidence) and the class whose knobs and CAM map were used."""
+
+    regions: np.ndarray
+    heat: np.ndarray
+    code: str
+
+
+def _normalised(heat: np.ndarray) -> np.ndarray:
+    top = float(heat.max())
+    return (heat / top if top > 0 else np.zeros_like(heat)).astype(np.float32)
+
+
+def locate_one(image: np.ndarray, method: str, params: LocateParams, code: str,
+               cam: np.ndarray | None = None) -> Located:
+    """Regions of one uint8 (H, W) image of (predicted) class ``code``; ``cam`` is needed by the model methods."""
+    knobs = params.for_class(code)
+    h, w = image.shape
+    if method == "whole_image":
+        return Located(np.array([[0.0, 0.0, w, h, 1.0]]), np.ones((h, w), np.float32), code)
+    if method in MODEL_METHODS and cam is None:
+        raise ValueError(f"method {method!r} needs the model's CAM maps")
+    if method == "gradcam":
+        return Located(heat_regions(cam, dataclasses.replace(knobs, threshold=params.cam_threshold)), cam, code)
+    heat = classical_heat(image, knobs)
+    if method == "classical":
+        return Located(heat_regions(heat, knobs), _normalised(heat), code)
+    if method == "combined":
+        weights = np.power(np.clip(cam, 0, None), knobs.cam_power)
+        return Located(heat_regions(heat, knobs, weights), _normalised(heat * weights), code)
+    raise ValueError(f"unknown locate method {method!r}; choose one of {METHODS}")
+
+
+def locate(images: torch.Tensor, params: LocateParams = DEFAULT_LOCATE, model: nn.Module | None = None,
+           method: str | None = None, batch_size: int = 64) -> list[Located]:
+    """Regions of uint8 images (N, 1, H, W) by ``method`` (default: ``params.method``).
+
+    With a model, each image's knobs and CAM map are those of its predicted class; without one
+    (``classical`` and ``whole_image`` only) every image gets ``params.default``.
+    """
+    method = method or params.method
+    if model is None and method in MODEL_METHODS:
+        raise ValueError(f"method {method!r} needs a model")
+    cams, codes = _maps(images, params, model, batch_size)
+    return [locate_one(images[i, 0].numpy(), method, params, codes[i], None if cams is None else cams[i])
+            for i in range(len(images))]
+
+
+def _maps(images: torch.Tensor, params: LocateParams, model: nn.Module | None,
+          batch_size: int) -> tuple[np.ndarray | None, list[str | None]]:
+    if model is None:
+        return None, [None] * len(images)
+    cams, probs = class_maps(model, images, params.cam_stage, kind=params.cam_kind, batch_size=batch_size)
+    return cams.numpy(), [CLASSES[i] for i in probs.argmax(1).tolist()]
+
+
+def score_image(located: Located, boxes: np.ndarray) -> dict:
+    """How one image's regions match its boxes (the boxes of its own class, pixel edges).
+
+    - ``hit``: the top region overlaps a box with IoU >= 0.5 (box accuracy).
+    - ``matched``: regions matched one-to-one to boxes at IoU >= 0.5, greedily, best region first
+      (recall = matched / boxes, precision = matched / regions, summed over images).
+    - ``point`` / ``point_strict``: the top region's centre lies in a box grown by 15 px / in a box
+      (pointing game of a region method).
+    - ``point_max`` / ``point_max_strict``: the same for the heat map's maximum (the pointing game
+      of a map; for ``whole_image`` the map is flat and its first pixel is taken).
+    """
+    top = located.regions[0]
+    cx, cy = (top[0] + top[2]) / 2, (top[1] + top[3]) / 2
+    row, col = np.unravel_index(int(np.argmax(located.heat)), located.heat.shape)
+    return {
+        "hit": bool(iou_matrix(located.regions[:1], boxes).max(initial=0) >= 0.5),
+        "matched": greedy_matches(located.regions, boxes), "regions": len(located.regions), "boxes": len(boxes),
+        "point": points_inside(cx, cy, boxes), "point_strict": points_inside(cx, cy, boxes, 0),
+        "point_max": points_inside(col + 0.5, row + 0.5, boxes),
+        "point_max_strict": points_inside(col + 0.5, row + 0.5, boxes, 0),
+    }
+
+
+def summarise(scores: pd.DataFrame) -> dict:
+    """Box accuracy, recall, precision and pointing figures of per-image ``score_image`` rows."""
+    if scores.empty:
+        return {"images": 0}
+    return {
+        "images": len(scores), "boxes": int(scores["boxes"].sum()), "regions": int(scores["regions"].sum()),
+        "box_accuracy": round(float(scores["hit"].mean()), 4),
+        "recall": round(float(scores["matched"].sum() / max(scores["boxes"].sum(), 1)), 4),
+        "precision": round(float(scores["matched"].sum() / max(scores["regions"].sum(), 1)), 4),
+        "pointing": round(float(scores["point"].mean()), 4),
+        "pointing_strict": round(float(scores["point_strict"].mean()), 4),
+        "pointing_max": round(float(scores["point_max"].mean()), 4),
+        "pointing_max_strict": round(float(scores["point_max_strict"].mean()), 4),
+    }
+
+
+def localisation_report(model: nn.Module | None, images: torch.Tensor, labels: torch.Tensor | Sequence,
+                        files: Sequence[str], boxes_table: pd.DataFrame,
+                        method_params: LocateParams | Mapping | None = None,
+                        methods: Sequence[str] = METHODS) -> dict:
+    """Localisation figures of every method, overall and per true class.
+
+    Args:
+        model: the classifier (None: only ``whole_image`` and ``classical``, knobs ``default``).
+        images: uint8 (N, 1, H, W).
+        labels: true classes, as indices into ``CLASSES`` or codes.
+        files: NEU-CLS file names, the keys of ``boxes_table``.
+        boxes_table: ``boxes.read_boxes``'s table; images without a box of their class are left out.
+        method_params: ``LocateParams``, a ``locate:`` params section, or None for ``DEFAULT_LOCATE``.
+
+    Returns:
+        ``{"chosen": method, "images": n, "unannotated": m, "methods": {method: {"overall": {...},
+        "classes": {code: {...}}}}}`` with the figures of ``summarise``.
+    """
+    params = method_params if isinstance(method_params, LocateParams) else (
+        params_from_dict(method_params) if method_params is not None else DEFAULT_LOCATE)
+    codes = [CLASSES[int(c)] if not isinstance(c, str) else c for c in labels]
+    truth = boxes_by_file(boxes_table)
+    annotated = [i for i, f in enumerate(files) if f in truth]
+    methods = [m for m in methods if model is not None or m not in MODEL_METHODS]
+    cams, predicted = _maps(images[annotated], params, model, 64)
+    report: dict = {"chosen": params.method, "images": len(annotated), "unannotated": len(files) - len(annotated),
+                    "methods": {}}
+    for method in methods:
+        rows = []
+        for j, i in enumerate(annotated):
+            located = locate_one(images[i, 0].numpy(), method, params, predicted[j],
+                                 None if cams is None else cams[j])
+            rows.append({"class": codes[i], **score_image(located, truth[files[i]])})
+        table = pd.DataFrame(rows)
+        report["methods"][method] = {
+            "overall": summarise(table),
+            "classes": {c: summarise(table[table["class"] == c]) for c in CLASSES if (table["class"] == c).any()},
+        }
+    return report

@@ -71,7 +71,8 @@ def load_predictor(variant: str, work: Path, mirror: bool, options: dict, thread
         options = options | {"threads": threads}
     models = work / ("mirror" if mirror else "plain")
     if variant.startswith("torch"):
-        predictor = runtimes.TorchPredictor(runtimes.probability_model(runtimes.load_network(work / "model.pt"), mirror))
+        network = runtimes.load_network(work / "model.pt")
+        predictor = runtimes.TorchPredictor(runtimes.probability_model(network, mirror))
         if variant == "torch-compile":
             # dynamic=True: one graph for every batch size (the last batch of a pass is smaller).
             predictor.model = torch.compile(predictor.model, dynamic=True)
@@ -165,7 +166,8 @@ def run_case(case: str, args: argparse.Namespace, work: Path) -> dict | None:
                "--threads", str(args.threads),
                "--batches", *map(str, args.batches)]
     print(f"# {case} ...", file=sys.stderr, flush=True)
-    done = subprocess.run(command, check=False, capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    done = subprocess.run(command, check=False, capture_output=True, text=True,
+                          env=os.environ | {"PYTHONPATH": str(ROOT)})
     if done.returncode or not done.stdout.strip():
         print(f"# {case} failed, left out: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return None

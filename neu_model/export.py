@@ -85,7 +85,7 @@ def quiet_loggers(*names: str) -> Iterator[None]:
     try:
         yield
     finally:
-        for logger, level in zip(loggers, levels):
+        for logger, level in zip(loggers, levels, strict=False):
             logger.setLevel(level)
 
 
@@ -168,7 +168,8 @@ def variant_figures(probs: np.ndarray, suite: list[np.ndarray], reference: np.nd
     """Agreement with the reference (clean and under the suite), accuracy and suite mean accuracy."""
     return {
         "changed_predictions": int((probs.argmax(1) != reference.argmax(1)).sum()),
-        "suite_changed_predictions": int(sum((p.argmax(1) != r.argmax(1)).sum() for p, r in zip(suite, reference_suite))),
+        "suite_changed_predictions": int(sum((p.argmax(1) != r.argmax(1)).sum()
+                                             for p, r in zip(suite, reference_suite, strict=False))),
         "max_prob_diff": float(np.abs(probs - reference).max()),
         "accuracy": round(float((probs.argmax(1) == labels).mean()), 6),
         "errors": int((probs.argmax(1) != labels).sum()),
@@ -275,10 +276,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", type=Path, default=runtimes.MODELS_DIR / runtimes.TORCH_FILE)
     parser.add_argument("--split", type=Path, default=SPLIT_FILE)
     parser.add_argument("--images", type=Path, default=IMAGE_DIR)
-    parser.add_argument("--out-dir", type=Path, default=runtimes.MODELS_DIR, help="where model.onnx and model.int8.onnx go")
+    parser.add_argument("--out-dir", type=Path, default=runtimes.MODELS_DIR,
+                        help="where model.onnx and model.int8.onnx go")
     parser.add_argument("--report", type=Path, default=REPORT_FILE)
     parser.add_argument("--mirror", action="store_true", help="average each image with its mirror image, in the graph")
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest probability difference of an fp32 variant")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest probability difference of an fp32 variant")
     parser.add_argument("--max-accuracy-images", type=int, default=1, help="bf16 / int8: test images apart from fp32")
     parser.add_argument("--max-robustness-points", type=float, default=0.3,
                         help="bf16 / int8: corruption-suite mean accuracy apart from fp32, in points")

@@ -10,13 +10,14 @@ import onnx
 import pandas as pd
 import pytest
 import torch
-from conftest import FIXTURE_IMAGES
 
 from neu_model import export, runtimes
 from neu_model.cli import StageError
 from neu_model.config import CLASSES, ROOT
 from neu_model.data import load_images, to_float
 from neu_model.model import build_model, fuse_batchnorm
+
+from conftest import FIXTURE_IMAGES
 
 TOLERANCE = 1e-4  # the stage's fp32 parity tolerance (float rounding, scaled up by LOGIT_SCALE)
 FILES = sorted(FIXTURE_IMAGES.glob("*.bmp"))
@@ -33,7 +34,7 @@ def readme_client(model_path, image_paths):
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     images = np.stack([np.asarray(Image.open(p).convert("L"), dtype=np.float32) / 255 for p in image_paths])
     probs = session.run(None, {"images": images[:, None]})[0]  # (N, 1, 200, 200) in, (N, 6) out
-    return [(classes[i], float(row[i])) for row, i in zip(probs, probs.argmax(axis=1))]
+    return [(classes[i], float(row[i])) for row, i in zip(probs, probs.argmax(axis=1), strict=False)]
 
 
 def seeded_net() -> torch.nn.Module:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from neu_model.model import ResidualBlock
+from neu_model.layers import ResidualBlock
 
 CAM_KINDS = ("gradcam", "layercam")
 

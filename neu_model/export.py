@@ -292,6 +292,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
+    if not Path(args.model).is_file():  # before reading any image: the cheap check first
+        raise StageError(f"{args.model}: no trained model; run the pipeline first (make pipeline)")
     report = export(args)
     log.info("offered: %s (mirror %s); figures in %s", ", ".join(report["offered"]) or "none",
              "on" if args.mirror else "off", args.report)

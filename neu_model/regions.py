@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from neu_model.model import surface_basis
+from neu_model.layers import surface_basis
 
 POLARITIES = ("dark", "bright", "both")
 

@@ -175,7 +175,10 @@ def test_missing_files_are_one_line_errors(tmp_path):
         runtimes.load_predictor("onnx", tmp_path)
     with pytest.raises(StageError, match="unknown runtime 'tensorrt'"):
         runtimes.load_predictor("tensorrt", tmp_path)
-    bad = subprocess.run([sys.executable, "-m", "neu_model.export", "--model", str(tmp_path / "model.pt")], check=False,
+    # The test images exist, so the missing model is what fails.
+    (tmp_path / "split.csv").write_text(f"file,label,split\n{FILES[0].name},{FILES[0].name[:2]},test\n")
+    bad = subprocess.run([sys.executable, "-m", "neu_model.export", "--model", str(tmp_path / "model.pt"),
+                          "--split", str(tmp_path / "split.csv"), "--images", str(FIXTURE_IMAGES)], check=False,
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'model.pt'}: no trained model; run the pipeline first (make pipeline)"]

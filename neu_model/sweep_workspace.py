@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from neu_model import orchestrate
+from neu_model import orchestrate, run_params
 from neu_model.cli import StageError
 
 # The stages a trial runs; register is left out on purpose (see the module docstring).
@@ -142,7 +142,7 @@ def run_stages(workspace: Path, overrides: Sequence[str], env: dict[str, str], t
     Raises:
         orchestrate.StageFailed: a stage failed; ConfigError: an override params.yaml rejects.
     """
-    orchestrate.apply_params(workspace, overrides)
+    run_params.apply(workspace, overrides)
     ran = []
     for stage in TRIAL_STAGES:
         if stage in FORCED:

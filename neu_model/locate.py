@@ -50,9 +50,9 @@ class LocateParams:
     method: str = "combined"
     cam_stage: int = 1
     cam_kind: str = "layercam"
-    gradcam_stage: int = 3
+    gradcam_stage: int = 4
     gradcam_kind: str = "gradcam"
-    gradcam_threshold: float = 0.3
+    gradcam_threshold: float = 0.5
     default: RegionParams = field(default_factory=RegionParams)
     classes: Mapping[str, RegionParams] = field(default_factory=dict)
 
@@ -102,7 +102,7 @@ def _region(values: Mapping, base: RegionParams, where: str) -> RegionParams:
 # seed-0 split (README of that script: the rule); the top-level knobs are every class's default.
 DEFAULT_LOCATE = params_from_dict({
     "method": "combined", "cam_stage": 1, "cam_kind": "layercam",
-    "gradcam_stage": 3, "gradcam_kind": "gradcam", "gradcam_threshold": 0.3,
+    "gradcam_stage": 4, "gradcam_kind": "gradcam", "gradcam_threshold": 0.5,
     "polarity": "dark", "k": 1.0, "background": 12.0, "spread": [8, 4], "threshold": 0.1, "keep": 0.1,
     "max_regions": 3, "cam_power": 0.5,
     "classes": {

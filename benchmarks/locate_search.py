@@ -11,7 +11,8 @@ The rule, each step scored on the images of the class the knobs belong to:
    max_regions) per class maximises recall + box accuracy over all classes with precision >=
    ``min_precision`` (per class the option maximising ``matched + lam * (matched - min_precision *
    regions) + mu * hits``, over a grid of lam and mu). The best of the methods is chosen.
-3. The ``gradcam`` method's cut of its map: the best box accuracy among ``CAM_THRESHOLDS``.
+3. The ``gradcam`` method's map (``GRADCAM_STAGES`` x Grad-CAM or LayerCAM) and cut
+   (``CAM_THRESHOLDS``): the best box accuracy.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ COARSE = {"background": (0.0, 12.0, 24.0), "k": (0.0, 0.5, 1.0, 1.5), "sy": (4.0
 KEEP = (0.0, 0.05, 0.1, 0.25, 0.5)
 MAX_REGIONS = (1, 2, 3, 4, 5, 7, 10)
 SUBSAMPLE, FINALISTS = 40, 4
-CAM_OPTIONS = [(stage, kind, power) for stage in (2, 3) for kind in ("gradcam", "layercam") for power in (0.5, 1.0)]
+CAM_OPTIONS = [(stage, kind, power) for stage in (1, 2, 3) for kind in ("gradcam", "layercam")
+               for power in (0.25, 0.5, 1.0)]
 CAM_THRESHOLDS = (0.15, 0.3, 0.5)
+GRADCAM_STAGES = (2, 3, 4)  # 25, 12 and 6 pixels square: the stages of the calibration
 SMOOTH = RegionParams().smooth
 
 
@@ -168,20 +171,36 @@ def search(model, args, choose_on: str, min_precision: float) -> tuple[LocatePar
         if knobs is not None and value > best[1]:
             classes = {c: dataclasses.replace(k, cam_power=power) for c, k in knobs.items()}
             best = (LocateParams(method="combined", cam_stage=stage, cam_kind=kind, classes=classes), value)
-    params = best[0]
-    cut = max(CAM_THRESHOLDS, key=lambda t: localisation_report(
-        model, data.images, data.labels, data.files, args.boxes_table,
-        dataclasses.replace(params, cam_threshold=t), ["gradcam"])["methods"]["gradcam"]["overall"]["box_accuracy"])
-    params = dataclasses.replace(params, cam_threshold=cut)
+    params = dataclasses.replace(best[0], **choose_gradcam(model, data, truth))
+    chosen = localisation_report(model, data.images, data.labels, data.files, args.boxes_table, params,
+                                 [params.method])["methods"][params.method]["overall"]
+    print(f"# chosen {params.method} on {choose_on}: {chosen}", flush=True)
     rule = (f"searched on {choose_on} ({len(data.files)} images): coarse grid on {SUBSAMPLE} images a class, "
             f"finalists on all; recall + box accuracy with precision >= {min_precision}; objective {best[1]:.4f}")
     return params, rule, to_section(params)
 
 
+def choose_gradcam(model, data: ImageSet, truth: dict) -> dict:
+    """Step 3: the ``gradcam`` method's stage, kind and cut with the best box accuracy."""
+    idx = [i for i, f in enumerate(data.files) if f in truth]
+    best, best_hits = {}, -1
+    for stage, kind in itertools.product(GRADCAM_STAGES, ("gradcam", "layercam")):
+        maps = class_maps(model, data.images[idx], stage, kind=kind)[0].numpy()
+        for cut in CAM_THRESHOLDS:
+            knobs = RegionParams(threshold=cut)
+            hits = sum(iou_matrix(heat_regions(m, knobs)[:1], truth[data.files[i]]).max() >= 0.5
+                       for m, i in zip(maps, idx, strict=True))
+            if hits > best_hits:
+                best, best_hits = {"gradcam_stage": stage, "gradcam_kind": kind, "gradcam_threshold": cut}, hits
+    print(f"# gradcam: {best} box accuracy {best_hits / len(idx):.4f}", flush=True)
+    return best
+
+
 def to_section(params: LocateParams) -> dict:
     """A params.yaml ``locate:`` section for ``locate.params_from_dict``."""
-    section = {"method": params.method, "cam_stage": params.cam_stage, "cam_kind": params.cam_kind,
-               "cam_threshold": params.cam_threshold, "classes": {}}
+    section = {f.name: getattr(params, f.name) for f in dataclasses.fields(LocateParams)
+               if f.name not in ("default", "classes")}
+    section["classes"] = {}
     for code, knobs in params.classes.items():
         values = dataclasses.asdict(knobs)
         values["spread"] = list(values["spread"])

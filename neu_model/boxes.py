@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import re
 import stat
 import tarfile
 import zipfile
 import zlib
 from collections.abc import Iterable, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from xml.etree import ElementTree
 
 import numpy as np
@@ -37,7 +38,10 @@ from neu_model.fetch import fetch_url
 
 BOX_COLUMNS = ["file", "label", "box_class", "xmin", "ymin", "xmax", "ymax", "width", "height"]
 COORDINATES = ["xmin", "ymin", "xmax", "ymax"]
+BOX_KEYS = ["file", "box_class", *COORDINATES]  # the columns a box CSV needs
 MAX_MEMBER_BYTES = 64 << 20  # an annotation file is a few kB; more is not an annotation
+log = logging.getLogger("neu_model.boxes")
+
 POINTING_TOLERANCE = 15  # pixels: a map's maximum this close to a box still points at it
 _NAME_RE = re.compile(r"^([A-Za-z][A-Za-z_\- ]*?)_0*(\d+)$")  # Cr_1, crazing_1, rolled-in_scale_12
 
@@ -89,7 +93,7 @@ def _read_csv(data: bytes | Path, shown: str) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
         raise StageError(f"{shown}: not a readable CSV ({str(exc).splitlines()[0]}); "
                          f"give a CSV with columns file,box_class,xmin,ymin,xmax,ymax") from None
-    missing = [c for c in ["file", "box_class", *COORDINATES] if c not in table.columns]
+    missing = [c for c in BOX_KEYS if c not in table.columns]
     if missing:
         raise StageError(f"{shown}: missing columns {missing}; give a CSV with columns "
                          f"file,box_class,xmin,ymin,xmax,ymax (as NEU-DET-boxes.csv)")
@@ -122,18 +126,28 @@ def _read_voc(data: bytes, shown: str) -> list[dict]:
 
 
 def _from_members(members: Iterable[tuple[str, bytes]], shown: str) -> pd.DataFrame:
-    """Boxes from (name, bytes) pairs: every .xml is one VOC annotation, every .csv a box table."""
-    tables, rows = [], []
+    """Boxes from (name, bytes) pairs of a folder or archive.
+
+    An .xml named like a NEU-DET annotation (``crazing_1.xml``) is one VOC annotation, a .csv with
+    the box columns a box table; other files (a repository's own XML or CSV) are skipped and counted.
+    """
+    tables, rows, skipped = [], [], []
     for name, data in members:
-        if name.lower().endswith(".xml"):
-            rows += _read_voc(data, f"{shown}:{name}" if shown else name)
-        elif name.lower().endswith(".csv"):
-            tables.append(_read_csv(data, f"{shown}:{name}" if shown else name))
+        where, low = f"{shown}:{name}" if shown else name, name.lower()
+        if low.endswith(".xml") and cls_file_name(PurePosixPath(name).name) is not None:
+            rows += _read_voc(data, where)
+        elif low.endswith(".csv") and set(BOX_KEYS) <= set(data.split(b"\n", 1)[0].decode(errors="replace")
+                                                           .strip().split(",")):
+            tables.append(_read_csv(data, where))
+        else:
+            skipped.append(name)
+    if skipped:
+        log.info("%s: skipped %d files that are no NEU-DET annotation (e.g. %s)", shown, len(skipped), skipped[0])
     if rows:
         tables.append(pd.DataFrame(rows))
     if not tables:
-        raise StageError(f"{shown}: no Pascal VOC .xml or box .csv files found; point data.boxes at the "
-                         f"NEU-DET annotations (a folder, an archive or NEU-DET-boxes.csv)")
+        raise StageError(f"{shown}: no NEU-DET annotations (crazing_1.xml ...) or box CSV found; point data.boxes "
+                         f"at the NEU-DET annotations (a folder, an archive or NEU-DET-boxes.csv)")
     return pd.concat(tables, ignore_index=True)
 
 

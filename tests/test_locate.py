@@ -199,6 +199,11 @@ def test_voc_folder_zip_and_tar_give_the_csv_rows(tmp_path):
     with tarfile.open(tmp_path / "ann.tar.gz", "w:gz") as tf:
         tf.add(VOC_DIR, "annotations")
     assert _as_tuples(read_boxes(tmp_path / "ann.tar.gz")) == expected
+    # A repository's own XML and CSV files beside the annotations are no annotations: skipped.
+    shutil.copytree(VOC_DIR, tmp_path / "repo" / "annotations")
+    (tmp_path / "repo" / "pom.xml").write_text("<project/>")
+    (tmp_path / "repo" / "results.csv").write_text("epoch,loss\n1,0.5\n")
+    assert _as_tuples(read_boxes(tmp_path / "repo")) == expected
 
 
 @pytest.mark.parametrize("case", ["missing", "no_columns", "bad_xml", "bad_class", "empty_box", "unsafe_zip"])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import logging
 import sys
@@ -215,12 +216,12 @@ def calibration_images(split_file: Path, image_dir: Path, count: int, seed: int 
     return to_float(train.images[pick]).numpy()
 
 
-def write_graphs(args: argparse.Namespace, image_size: int) -> tuple[Path, Path]:
-    """Export ``args.model`` to ONNX and quantise it; returns the fp32 and int8 files."""
+def write_graphs(net: nn.Module, args: argparse.Namespace, image_size: int) -> tuple[Path, Path]:
+    """Export ``net`` (loaded from ``args.model``) to ONNX and quantise it; returns the fp32 and int8 files."""
     onnx_file, int8_file = args.out_dir / runtimes.ONNX_FILE, args.out_dir / runtimes.INT8_FILE
     metadata = {"mirror": str(args.mirror).lower(), "source_sha256": sha256_file(args.model)}
-    net = native_pooling(runtimes.load_network(args.model))
-    export_onnx(runtimes.probability_model(net, args.mirror), onnx_file, image_size, metadata)
+    graph = runtimes.probability_model(native_pooling(copy.deepcopy(net)), args.mirror)
+    export_onnx(graph, onnx_file, image_size, metadata)
     quantize_int8(onnx_file, int8_file, calibration_images(args.split, args.images, args.calibration_images))
     log.info("wrote %s and %s", onnx_file, int8_file)
     return onnx_file, int8_file
@@ -237,10 +238,10 @@ def timed_predictions(predictor: runtimes.Predictor, images: np.ndarray, batch_s
 
 def export(args: argparse.Namespace) -> dict:
     """Export, quantise, compare every variant with PyTorch; write and return the report."""
+    net = runtimes.load_network(args.model)
     test = load_data(args.split, args.images, "test")
-    onnx_file, int8_file = write_graphs(args, test.images.shape[-1])
-    predictors = {"torch": runtimes.TorchPredictor(runtimes.probability_model(runtimes.load_network(args.model),
-                                                                              args.mirror))}
+    onnx_file, int8_file = write_graphs(net, args, test.images.shape[-1])
+    predictors = {"torch": runtimes.TorchPredictor(runtimes.probability_model(net, args.mirror))}
     entries = {}
     for name, variant in runtimes.VARIANTS.items():
         reason = None if name == "torch" else unsupported(name)

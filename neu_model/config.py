@@ -130,6 +130,20 @@ class RegisterConfig:
 
 
 @dataclass(frozen=True)
+class InferenceConfig:
+    mirror: bool  # average each image's class probabilities with its left-right mirror image's
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    tolerance: float  # largest probability difference from PyTorch of an fp32 variant
+    max_accuracy_images: int  # test images a bf16 / int8 variant may be apart from fp32
+    max_robustness_points: float  # corruption-suite mean accuracy points apart from fp32
+    calibration_images: int  # training images that calibrate the int8 ranges
+    batch_size: int
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int
     data: DataConfig
@@ -139,6 +153,8 @@ class Config:
     review: ReviewConfig
     mlflow: MlflowConfig
     register: RegisterConfig
+    inference: InferenceConfig
+    export: ExportConfig
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain data (saved in checkpoints, logged as params)."""
@@ -268,6 +284,11 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
     if not 0 <= cfg.review.below_confidence <= 1:
         raise ConfigError(f"review.below_confidence={cfg.review.below_confidence} must be in [0, 1] "
                           "(0 flags nothing, 1 flags everything)")
+    ex = cfg.export
+    if not (ex.tolerance > 0 and min(ex.max_accuracy_images, ex.max_robustness_points) >= 0
+            and min(ex.calibration_images, ex.batch_size) >= 1):
+        raise ConfigError(f"export: tolerance must be > 0, max_accuracy_images and max_robustness_points >= 0, "
+                          f"calibration_images and batch_size >= 1; got {_plain(ex)}")
     return cfg
 
 

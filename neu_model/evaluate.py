@@ -29,7 +29,7 @@ from neu_model.config import CLASSES, Config, add_config_args, load_config
 from neu_model.data import SPLIT_FILE, ImageSet, load_split, to_float
 from neu_model.figures import confusion_figure, gallery_figure
 from neu_model.files import write_csv, write_json
-from neu_model.inference import MODEL_FILE, load_torch_model, predict_logits, select_device
+from neu_model.inference import MODEL_FILE, MirrorAverage, load_torch_model, predict_logits, select_device
 from neu_model.metrics import classification_metrics, review_curve, review_metrics
 from neu_model.predictions import predictions_frame
 from neu_model.register import test_split_id
@@ -96,6 +96,8 @@ def evaluate(cfg: Config, model_file: Path = MODEL_FILE, split_file: Path = SPLI
     run = tracking.open_run(reports / tracking.RUN_FILE.name, model_file)  # checks the store before any work
     device = select_device(cfg.train.device)
     model, meta = load_torch_model(model_file, device)
+    if cfg.inference.mirror:  # as the registered and exported models run it
+        model = MirrorAverage(model)
     test = load_split("test", split_file, **({"image_dir": image_dir} if image_dir else {}))
     start = time.perf_counter()
     probs = predict_logits(model, test.images, device, cfg.evaluate.batch_size).softmax(1)

@@ -2,152 +2,50 @@
 
 Writes ``models/model.onnx`` with the registered model's contract: float32 (N, 1, 200, 200)
 grayscale in [0, 1] in (any N), (N, 6) probabilities in class order Cr, In, Pa, PS, RS, Sc out;
-the input stem (trimmed mean, detrending, standardisation), the softmax and, with ``--mirror``,
+the input stem (trimmed mean, detrending, standardisation), the softmax and, with ``inference.mirror``,
 the mirror averaging are inside the graph. ``models/model.int8.onnx`` is its statically quantised
-twin, calibrated on training images. Every variant (``neu_model.runtimes.VARIANTS``) is run on
-the test images, clean and under the corruption suite, and compared with PyTorch; the figures and
-which variants are offered go to ``reports/export.json``:
+twin, calibrated on ``export.calibration_images`` training images. Every variant
+(``neu_model.runtimes.VARIANTS``) is run on the test images, clean and under the corruption suite,
+and compared with PyTorch; the figures and which variants are offered go to ``reports/export.json``
+(a DVC metrics file; the register stage logs them into the MLflow run as ``export_*`` metrics):
 
 - fp32 (ONNX Runtime, OpenVINO): kept when every test prediction is PyTorch's and no
-  probability differs by more than ``--tolerance``;
-- bf16 and int8: kept when the test accuracy is within ``--max-accuracy-images`` images of
-  PyTorch's and the suite's mean accuracy within ``--max-robustness-points`` points.
+  probability differs by more than ``export.tolerance``;
+- bf16 and int8: kept when the test accuracy is within ``export.max_accuracy_images`` images of
+  PyTorch's and the suite's mean accuracy within ``export.max_robustness_points`` points.
 
-    python -m neu_model.export [--mirror]
+Mirror averaging follows ``inference.mirror``. The settings come from params.yaml (``--set``
+overrides them, as in every stage); the options below override them for one run.
+
+    python -m neu_model.export [--set export.tolerance=2e-4] [--mirror | --no-mirror]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import io
 import logging
 import sys
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from neu_model import corruptions, runtimes
 from neu_model.cli import StageError, run_stage
-from neu_model.config import CLASSES
+from neu_model.config import add_config_args, load_config
 from neu_model.data import IMAGE_DIR, SPLIT_FILE, ImageSet, load_split, to_float
-from neu_model.files import atomic_path, sha256_file, write_json
-from neu_model.model import MaxPool2x2, TrimmedPool2d
+from neu_model.files import sha256_file, write_json
+from neu_model.inference import load_torch_model, probability_model
+from neu_model.onnx_graphs import OPSET, export_onnx, native_pooling, quantize_int8
 
 log = logging.getLogger("neu_model.export")
 
-REPORT_FILE = Path("reports/export.json")
-OPSET = 18
-INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
+REPORT_FILE = runtimes.EXPORT_REPORT
 REDUCED = ("bf16", "int8")
-
-
-class PooledTrimmedMean(nn.Module):
-    """``TrimmedPool2d`` from pooling kernels: (4 x mean - max - min) / 2 of each 2x2 block, the
-    minimum being minus the max pool of the negated image. The same numbers in PyTorch; in a
-    graph three pooling kernels instead of four strided Slice nodes and six elementwise nodes
-    (ONNX Runtime spent a third of its time in that stem)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (F.avg_pool2d(x, 2) * 4 - F.max_pool2d(x, 2) + F.max_pool2d(-x, 2)) * 0.5
-
-
-def native_pooling(net: nn.Module) -> nn.Module:
-    """``net`` with its strided-view poolings replaced by pooling kernels (in place): each
-    ``MaxPool2x2`` by ``nn.MaxPool2d(2)``, each ``TrimmedPool2d`` by ``PooledTrimmedMean``.
-
-    The views are faster in eager PyTorch; in ONNX Runtime and OpenVINO the pooling kernels
-    are, and they give the same numbers (parity checks it).
-    """
-    for name, child in net.named_children():
-        if isinstance(child, MaxPool2x2):
-            setattr(net, name, nn.MaxPool2d(2))
-        elif isinstance(child, TrimmedPool2d):
-            setattr(net, name, PooledTrimmedMean())
-        else:
-            native_pooling(child)
-    return net
-
-
-@contextlib.contextmanager
-def quiet_loggers(*names: str) -> Iterator[None]:
-    """Raise the named loggers to WARNING for the block."""
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=False):
-            logger.setLevel(level)
-
-
-def export_onnx(model: nn.Module, path: Path, image_size: int = 200, metadata: dict[str, str] | None = None) -> None:
-    """Write ``model`` (images to probabilities) as ONNX with a dynamic batch dimension.
-
-    torch.export-based exporter (``dynamo=True``): the legacy TorchScript exporter is
-    deprecated, warns on Detrend's shape check and writes four times the nodes for the same graph.
-    """
-    import onnx
-
-    example = torch.rand(2, 1, image_size, image_size)
-    batch = torch.export.Dim("batch", min=1)
-    # The exporter prints its progress to stdout, which a stage keeps for results, and logs
-    # every rewrite of its optimiser at INFO.
-    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), quiet_loggers("onnxscript", "onnx_ir"):
-        program = torch.onnx.export(model.eval(), (example,), dynamo=True, opset_version=OPSET,
-                                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                    dynamic_shapes=({0: batch},), external_data=False, optimize=True)
-    proto = program.model_proto
-    proto.doc_string = (f"NEU-CLS surface-defect classifier: {INPUT_NAME} float32 (N, 1, {image_size}, {image_size}) "
-                        f"grayscale in [0, 1] -> {OUTPUT_NAME} (N, {len(CLASSES)}) in class order {', '.join(CLASSES)}")
-    onnx.helper.set_model_props(proto, {"classes": ",".join(CLASSES), **(metadata or {})})
-    with atomic_path(path) as tmp:
-        onnx.save(proto, str(tmp))
-
-
-def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, batch_size: int = 32) -> None:
-    """ONNX Runtime static quantisation (QDQ; int8 weights per channel, uint8 activations) of the
-    convolutions, poolings and classifier, calibrated on ``calibration`` images.
-
-    The stem's detrending (a MatMul over raw pixels) and standardisation stay fp32. Activation
-    ranges are the 99.999th percentiles: on the seed-0 model they changed half as many
-    predictions under the corruption suite as the min-max ranges (25 against 45 of 15,660).
-    """
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Batches(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([calibration[i: i + batch_size] for i in range(0, len(calibration), batch_size)])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self.batches, None)
-            return None if batch is None else {INPUT_NAME: batch}
-
-    # The percentile calibrator prints its progress to stdout.
-    with (tempfile.TemporaryDirectory() as work, atomic_path(int8_path) as tmp,
-          quiet_loggers("onnxruntime.quantization"), contextlib.redirect_stdout(io.StringIO())):
-        prepared = Path(work) / "prepared.onnx"  # shapes inferred, graph simplified: what the quantiser expects
-        quant_pre_process(str(fp32_path), str(prepared))
-        quantize_static(str(prepared), str(tmp), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        op_types_to_quantize=["Conv", "MaxPool", "GlobalAveragePool", "Gemm"],
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.Percentile)
 
 
 def suite_predictions(predictors: dict[str, runtimes.Predictor], images: torch.Tensor,
@@ -220,7 +118,7 @@ def write_graphs(net: nn.Module, args: argparse.Namespace, image_size: int) -> t
     """Export ``net`` (loaded from ``args.model``) to ONNX and quantise it; returns the fp32 and int8 files."""
     onnx_file, int8_file = args.out_dir / runtimes.ONNX_FILE, args.out_dir / runtimes.INT8_FILE
     metadata = {"mirror": str(args.mirror).lower(), "source_sha256": sha256_file(args.model)}
-    graph = runtimes.probability_model(native_pooling(copy.deepcopy(net)), args.mirror)
+    graph = probability_model(native_pooling(copy.deepcopy(net)), args.mirror)
     export_onnx(graph, onnx_file, image_size, metadata)
     quantize_int8(onnx_file, int8_file, calibration_images(args.split, args.images, args.calibration_images))
     log.info("wrote %s and %s", onnx_file, int8_file)
@@ -238,10 +136,10 @@ def timed_predictions(predictor: runtimes.Predictor, images: np.ndarray, batch_s
 
 def export(args: argparse.Namespace) -> dict:
     """Export, quantise, compare every variant with PyTorch; write and return the report."""
-    net = runtimes.load_network(args.model)
+    net = load_torch_model(args.model)[0]
     test = load_data(args.split, args.images, "test")
     onnx_file, int8_file = write_graphs(net, args, test.images.shape[-1])
-    predictors = {"torch": runtimes.TorchPredictor(runtimes.probability_model(net, args.mirror))}
+    predictors = {"torch": runtimes.TorchPredictor(probability_model(net, args.mirror))}
     entries = {}
     for name, variant in runtimes.VARIANTS.items():
         reason = None if name == "torch" else unsupported(name)
@@ -262,6 +160,9 @@ def export(args: argparse.Namespace) -> dict:
                          **figures, "images_per_second": clean[name][1], "kept": kept, "reason": reason}
         log.info("%-14s %s: %s", name, "kept" if kept else "dropped", reason)
     report = {"onnx_file": str(onnx_file), "int8_file": str(int8_file), "mirror": args.mirror,
+              # what the register stage checks before it logs the files with a version
+              "model_sha256": sha256_file(args.model), "onnx_sha256": sha256_file(onnx_file),
+              "int8_sha256": sha256_file(int8_file),
               "exporter": f"torch {torch.__version__.split('+')[0]} torch.onnx dynamo, opset {OPSET}",
               "n_test": len(test), "tolerance": args.tolerance,
               "reference": {"runtime": "torch", **{k: reference[k] for k in ("accuracy", "errors", "robustness_mean")},
@@ -272,27 +173,44 @@ def export(args: argparse.Namespace) -> dict:
     return report
 
 
+# Options that override params.yaml's export section for one run: flag, key, type, help.
+OVERRIDES = [("--tolerance", "tolerance", float, "largest probability difference of an fp32 variant"),
+             ("--max-accuracy-images", "max_accuracy_images", int, "bf16 / int8: test images apart from fp32"),
+             ("--max-robustness-points", "max_robustness_points", float,
+              "bf16 / int8: corruption-suite mean accuracy apart from fp32, in points"),
+             ("--calibration-images", "calibration_images", int, "training images that calibrate int8"),
+             ("--batch-size", "batch_size", int, "images per call into a runtime")]
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
     parser.add_argument("--model", type=Path, default=runtimes.MODELS_DIR / runtimes.TORCH_FILE)
     parser.add_argument("--split", type=Path, default=SPLIT_FILE)
     parser.add_argument("--images", type=Path, default=IMAGE_DIR)
     parser.add_argument("--out-dir", type=Path, default=runtimes.MODELS_DIR,
                         help="where model.onnx and model.int8.onnx go")
     parser.add_argument("--report", type=Path, default=REPORT_FILE)
-    parser.add_argument("--mirror", action="store_true", help="average each image with its mirror image, in the graph")
-    parser.add_argument("--tolerance", type=float, default=1e-4,
-                        help="largest probability difference of an fp32 variant")
-    parser.add_argument("--max-accuracy-images", type=int, default=1, help="bf16 / int8: test images apart from fp32")
-    parser.add_argument("--max-robustness-points", type=float, default=0.3,
-                        help="bf16 / int8: corruption-suite mean accuracy apart from fp32, in points")
-    parser.add_argument("--calibration-images", type=int, default=256, help="training images that calibrate int8")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
+                        help="average each image with its mirror image, in the graph (default: inference.mirror)")
+    for flag, key, kind, text in OVERRIDES:
+        parser.add_argument(flag, type=kind, default=None, help=f"{text} (default: export.{key})")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def resolve_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line with every unset option taken from params.yaml (and its ``--set`` overrides)."""
     args = get_args_parser().parse_args(argv)
+    cfg = load_config(args.params, args.overrides)
+    args.mirror = cfg.inference.mirror if args.mirror is None else args.mirror
+    for _, key, _, _ in OVERRIDES:
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(cfg.export, key))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = resolve_args(argv)
     if not Path(args.model).is_file():  # before reading any image: the cheap check first
         raise StageError(f"{args.model}: no trained model; run the pipeline first (make pipeline)")
     report = export(args)

@@ -7,6 +7,7 @@ code, MLflow or matplotlib: a process that only classifies images loads none of 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -22,8 +23,9 @@ from neu_model.model import build_model, fuse_batchnorm
 MODEL_FILE = Path("models/model.pt")
 UNREADABLE = "unreadable: cut short, or not written by torch.save"
 
-__all__ = ["MODEL_FILE", "Predictor", "ProbabilityModel", "fuse_batchnorm", "load_torch_model", "memory_format",
-           "predict_batched", "predict_logits", "pyfunc_probabilities", "select_device"]
+__all__ = ["MODEL_FILE", "MirrorAverage", "Predictor", "ProbabilityModel", "fuse_batchnorm", "load_torch_model",
+           "memory_format", "predict_batched", "predict_logits", "probability_model", "pyfunc_probabilities",
+           "select_device"]
 
 
 class Predictor(Protocol):
@@ -41,6 +43,32 @@ class ProbabilityModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).softmax(dim=1)
+
+
+class MirrorAverage(nn.Module):
+    """Test-time mirror averaging (``inference.mirror``): ``net`` run on each image and on its
+    left-right mirror image, the two class probabilities averaged.
+
+    The output is the log of the averaged probabilities: logits whose softmax is the average, so
+    it stands wherever the network did (``ProbabilityModel``, ``predict_logits(...).softmax(1)``).
+    The two views run as one batch of 2N: one call into the network, and every per-image step
+    (standardisation, detrending) still sees one image at a time.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        log_probs = self.net(torch.cat([x, x.flip(-1)])).log_softmax(dim=1)
+        # log((p + q) / 2) without leaving log space: no log(0) for a vanishing probability.
+        return torch.logaddexp(log_probs[:n], log_probs[n:]) - math.log(2)
+
+
+def probability_model(net: nn.Module, mirror: bool = False) -> nn.Module:
+    """``net`` to probabilities, averaged over the mirror image or not, in eval mode."""
+    return ProbabilityModel(MirrorAverage(net) if mirror else net).eval()
 
 
 def select_device(name: str = "auto") -> torch.device:

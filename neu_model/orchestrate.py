@@ -27,7 +27,7 @@ from neu_model.config import DATA_SOURCE_ENV, ConfigError
 from neu_model.redact import redact_url
 from neu_model.workspace_lock import HeldLock, workspace_lock
 
-STAGES = ("source", "download", "split", "train", "evaluate", "register")
+STAGES = ("source", "download", "split", "train", "evaluate", "export", "register")
 # The source stage's output: rewritten only when there are new images at the source.
 SOURCE_RECORD = Path("data/source.json")
 # Seconds a stage has to end after SIGTERM (its MLflow run is closed) before SIGKILL.

@@ -4,7 +4,9 @@ Each pipeline pass registers its model as a new version of ``register.model_name
 ``challenger``. ``champion`` moves to it only when its test accuracy is at least
 ``register.accuracy_floor`` and at least the champion's accuracy plus ``register.min_improvement``,
 both on the same test split of the same dataset version (the champion is re-evaluated on the new
-split when the data or split changed). Moving the alias is the last step, so a crash before it
+split when the data or split changed). With ``inference.mirror`` the version is the mirror-averaged
+twin of the run's model, logged here. Before the gate, the export stage's files go into the run
+under ``exported/`` (``neu_model.exported``). Moving the alias is the last step, so a crash before it
 leaves ``champion`` where it was. Decision and reasons go into the version's tags and description;
 the promotion history is read back from the versions' ``promotion.*`` tags.
 
@@ -23,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from neu_model import provenance, tracking
+from neu_model import exported, mlflow_model, provenance, tracking
 from neu_model.cli import StageError, run_stage
 from neu_model.config import Config, add_config_args, load_config
 from neu_model.data import IMAGE_DIR, SPLIT_FILE, load_split, read_split
@@ -31,6 +33,7 @@ from neu_model.files import pause_point, write_json
 from neu_model.inference import MODEL_FILE, predict_batched, pyfunc_probabilities
 from neu_model.lineage import read_dvc
 from neu_model.mlflow_model import CONTRACT
+from neu_model.runtimes import EXPORT_REPORT, MODELS_DIR
 
 log = logging.getLogger("neu_model.register")
 
@@ -85,9 +88,21 @@ def _ensure_registered_model(client, name: str) -> None:
             client.get_registered_model(name)  # created meanwhile by another process; else raise
 
 
-def _version_of_run(client, name: str, run_id: str):
-    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+def _version_of_run(client, name: str, run_id: str, mirror: bool):
+    """The version registered from this run with this mirror setting (versions from before the
+    setting existed are plain), or None."""
+    found = [v for v in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+             if v.tags.get("inference.mirror", "false") == str(mirror).lower()]
     return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def _served_model(run: tracking.Run, cfg: Config, model_file: Path) -> tuple[str, str | None]:
+    """(model URI, model id) of what the version serves: the run's model, or its mirror-averaged twin."""
+    if not cfg.inference.mirror:
+        return run.record["model_uri"], run.record.get("model_id")
+    info = mlflow_model.log_model(run.client, run.experiment_id, run.run_id, model_file, cfg.data.image_size,
+                                  mirror=True)
+    return info.model_uri, info.model_id
 
 
 def evaluate_version(name: str, version: str, split_file: Path, image_dir: Path, batch_size: int = 64) -> float:
@@ -122,8 +137,9 @@ def champion_accuracy(client, name: str, champion, split_id: str, split_file: Pa
 
 def register(cfg: Config, run_file: Path = tracking.RUN_FILE, metrics_file: Path = METRICS_FILE,
              split_file: Path = SPLIT_FILE, image_dir: Path = IMAGE_DIR, model_file: Path = MODEL_FILE,
-             out_file: Path = REGISTRATION_FILE) -> dict:
-    """Register the evaluated model, apply the gate, write ``out_file``; returns what it wrote."""
+             out_file: Path = REGISTRATION_FILE, export_report: Path = EXPORT_REPORT,
+             models_dir: Path = MODELS_DIR) -> dict:
+    """Register the evaluated and exported model, apply the gate, write ``out_file``; returns what it wrote."""
     run = tracking.open_run(run_file, model_file)
     if run is None:
         raise StageError(f"{run_file} is missing or names another model than {model_file}; rerun train and evaluate")
@@ -135,21 +151,26 @@ def register(cfg: Config, run_file: Path = tracking.RUN_FILE, metrics_file: Path
     if logged.tags.get("test_split_id") != split_id or logged.metrics.get("test_accuracy") != metrics["accuracy"]:
         raise StageError(f"{metrics_file} is not the evaluation logged in MLflow run {run.run_id} on the test "
                          f"split of {split_file}; rerun the evaluate stage")
-    client, name = run.client, cfg.register.model_name
+    client, name, mirror = run.client, cfg.register.model_name, cfg.inference.mirror
     accuracy = float(metrics["accuracy"])
+    report = exported.read_report(export_report, run.record["model_sha256"], mirror, models_dir)
 
     _ensure_registered_model(client, name)
-    version = _version_of_run(client, name, run.run_id)  # a rerun (e.g. after a crash) reuses its version
+    version = _version_of_run(client, name, run.run_id, mirror)  # a rerun (e.g. after a crash) reuses its version
     if version is None:
         tags = {"test_accuracy": accuracy, "macro_f1": metrics["macro_f1"], f"accuracy_on.{split_id}": accuracy,
                 "test_split_id": split_id, "dataset_version": run.record["dataset_version"], "run_id": run.run_id,
-                "model": run.record.get("model", ""), "git_sha": provenance.git_sha()}
-        version = client.create_model_version(name, run.record["model_uri"], run_id=run.run_id,
-                                              tags={k: str(v) for k, v in tags.items()},
-                                              model_id=run.record.get("model_id"), description=CONTRACT)
+                "model": run.record.get("model", ""), "git_sha": provenance.git_sha(),
+                "inference.mirror": str(mirror).lower(), "export.onnx_sha256": report["onnx_sha256"],
+                "export.offered": ",".join(report.get("offered", []))}
+        model_uri, model_id = _served_model(run, cfg, model_file)
+        version = client.create_model_version(name, model_uri, run_id=run.run_id, model_id=model_id,
+                                              tags={k: str(v) for k, v in tags.items()}, description=CONTRACT)
         log.info("registered %s version %s from run %s", name, version.version, run.run_id)
         pause_point("register:version-created")  # tests kill here (tests/test_kills.py)
     v = str(version.version)  # MLflow returns ints here and strings elsewhere
+    # Before any alias points at the version: a client resolving it finds its files.
+    exported.log_exported(run, export_report, report, models_dir, model_file)
     client.set_registered_model_alias(name, CHALLENGER, v)
 
     champion = _champion(client, name)
@@ -190,7 +211,7 @@ def register(cfg: Config, run_file: Path = tracking.RUN_FILE, metrics_file: Path
               "champion_before": before, "champion": str(after.version) if after else None,
               "model_uri": f"models:/{name}@{CHAMPION}"}
     run.set_tags({"registry.model": name, "registry.version": v, "registry.decision": verdict}
-                 | read_dvc(stages=("train", "evaluate")))
+                 | read_dvc(stages=("train", "evaluate", "export")))
     write_json(out_file, result)
     log.info("%s v%s: %s (%s); champion: %s", name, v, verdict, "; ".join(reasons), result["champion"])
     return result

@@ -31,12 +31,13 @@ from torch import nn
 
 from neu_model.cli import StageError
 from neu_model.config import CLASSES
-from neu_model.model import build_model, fuse_batchnorm
+from neu_model.inference import load_torch_model, probability_model
 
 MODELS_DIR = Path("models")
 TORCH_FILE = "model.pt"
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
+EXPORT_REPORT = Path("reports/export.json")  # the export stage's figures and which variants it kept
 # Images per call into a runtime for large batches. Per core (one thread, seed-0 model, AVX-512
 # host) chunks of 4 to 16 ran within 5 % of each other and 7-20 % faster than 64 images in one
 # call (the feature maps of 8 images fit in a core's 2 MB L2 cache). The chunks run one per core,
@@ -74,59 +75,6 @@ VARIANTS: dict[str, Variant] = {
     "onnx-int8": Variant("onnx", INT8_FILE, "int8"),
     "openvino-int8": Variant("openvino", INT8_FILE, "int8"),
 }
-
-
-class ProbabilityModel(nn.Module):
-    """The network followed by softmax (the registered model's output). The same as the class in
-    ``neu_model.tracking``, repeated here because the inference side must not import MLflow code."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).softmax(dim=1)
-
-
-class MirrorAverage(nn.Module):
-    """Test-time mirror averaging: the mean of the softmax of ``net`` on each image and on its
-    left-right mirror image.
-
-    The two views run as one batch of 2N: one call into the network, and every per-image step
-    (standardisation, detrending) still sees one image at a time.
-    """
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        probs = self.net(torch.cat([x, x.flip(-1)])).softmax(dim=1)
-        return (probs[:n] + probs[n:]) * 0.5
-
-
-def probability_model(net: nn.Module, mirror: bool = False) -> nn.Module:
-    """``net`` with softmax, mirror-averaged or not, in eval mode."""
-    return (MirrorAverage(net) if mirror else ProbabilityModel(net)).eval()
-
-
-def load_network(path: Path) -> nn.Module:
-    """A ``models/model.pt`` file's network in eval mode with its batch norms folded.
-
-    Raises:
-        StageError: the file is missing or was not written by the train stage.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise StageError(f"{path}: no trained model; run the pipeline first (make pipeline)")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        net = build_model(saved["model_name"], **saved.get("model_args", {}))
-        net.load_state_dict(saved["state_dict"])
-    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
-        raise StageError(f"{path}: not a model saved by neu_model.train ({exc}); retrain it") from None
-    return fuse_batchnorm(net.eval())
 
 
 def physical_cores() -> int:
@@ -289,7 +237,7 @@ def load_predictor(name: str, models_dir: Path = MODELS_DIR, mirror: bool = Fals
     variant = VARIANTS[name]
     path = Path(models_dir) / variant.file
     if variant.runtime == "torch":
-        return TorchPredictor(probability_model(load_network(path), mirror))
+        return TorchPredictor(probability_model(load_torch_model(path)[0], mirror))
     if not path.is_file():
         raise StageError(f"{path}: not exported; run the export stage (python -m neu_model.export)")
     if variant.runtime == "onnx":

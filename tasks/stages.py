@@ -21,7 +21,8 @@ from tasks.retry import retry_if_transient
 
 # Seconds a stage may take before its process group is killed; Prefect's own timeout is a
 # backstop a minute later (it cannot interrupt a thread blocked on a pipe).
-TIMEOUTS = {"source": 600, "download": 1800, "split": 600, "train": 8 * 3600, "evaluate": 3600, "register": 900}
+TIMEOUTS = {"source": 600, "download": 1800, "split": 600, "train": 8 * 3600, "evaluate": 3600, "export": 1800,
+            "register": 900}
 MARGIN = 60
 
 
@@ -68,6 +69,12 @@ def train(project: str, data_source: str | None = None) -> bool:
 def evaluate(project: str, data_source: str | None = None) -> bool:
     """The evaluate stage."""
     return _repro("evaluate", project, data_source)
+
+
+@task(name="export", cache_policy=NO_CACHE, timeout_seconds=TIMEOUTS["export"] + MARGIN)
+def export(project: str, data_source: str | None = None) -> bool:
+    """The export stage (ONNX files and their parity report); not retried: it fails the same way again."""
+    return _repro("export", project, data_source)
 
 
 # The flow may shorten the backoff with .with_options (tests do); these are the defaults.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -93,6 +94,33 @@ def tiny_model(tiny_data, tmp_path_factory) -> Path:
     train(tiny_config(), tiny_data.split, tiny_data.images, out / "model.pt", out / "checkpoint.pt",
           out / "train_log.csv", out / "train_metrics.json", tiny_data.raw / "manifest.csv")
     return out / "model.pt"
+
+
+def documented_onnx_client() -> dict:
+    """The names that docs/mlflow.md's ONNX client block defines (``champion_onnx``, ``classify``),
+    run as a reader would paste it: the tests use the documented code itself, so it cannot drift."""
+    mark = "<!-- onnx-client -->"
+    block = re.search(re.escape(mark) + r"\s*```python\n(.*?)```", (ROOT / "docs" / "mlflow.md").read_text(), re.S)
+    assert block, f"docs/mlflow.md: no python block after {mark}"
+    names: dict = {}
+    exec(compile(block.group(1), "docs/mlflow.md", "exec"), names)
+    return names
+
+
+def export_model(model: Path, data: Workspace, out: Path, *options: str) -> Path:
+    """The export stage on ``model`` over ``data``'s split; returns ``out``, which then holds
+    model.onnx, model.int8.onnx and export.json."""
+    from neu_model.export import main
+
+    main(["--model", str(model), "--split", str(data.split), "--images", str(data.images), "--out-dir", str(out),
+          "--report", str(out / "export.json"), *options])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_data, tiny_model, tmp_path_factory) -> Path:
+    """The tiny model exported without mirror averaging (``export_model``'s folder)."""
+    return export_model(tiny_model, tiny_data, tmp_path_factory.mktemp("export"), "--no-mirror")
 
 
 PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", "neu_model", "flows", "tasks", ".dvc/config",

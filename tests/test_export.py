@@ -11,30 +11,19 @@ import pandas as pd
 import pytest
 import torch
 
-from neu_model import export, runtimes
+from neu_model import export, onnx_graphs, runtimes
 from neu_model.cli import StageError
-from neu_model.config import CLASSES, ROOT
+from neu_model.config import CLASSES, ROOT, load_config
 from neu_model.data import load_images, to_float
+from neu_model.files import sha256_file
+from neu_model.inference import probability_model
 from neu_model.model import build_model, fuse_batchnorm
 
-from conftest import FIXTURE_IMAGES
+from conftest import FIXTURE_IMAGES, documented_onnx_client
 
 TOLERANCE = 1e-4  # the stage's fp32 parity tolerance (float rounding, scaled up by LOGIT_SCALE)
 FILES = sorted(FIXTURE_IMAGES.glob("*.bmp"))
 LOGIT_SCALE = 2000
-
-
-def readme_client(model_path, image_paths):
-    """The README's client: numpy, PIL and onnxruntime only, nothing of this project."""
-    import numpy as np
-    import onnxruntime as ort
-    from PIL import Image
-
-    classes = ["Cr", "In", "Pa", "PS", "RS", "Sc"]
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    images = np.stack([np.asarray(Image.open(p).convert("L"), dtype=np.float32) / 255 for p in image_paths])
-    probs = session.run(None, {"images": images[:, None]})[0]  # (N, 1, 200, 200) in, (N, 6) out
-    return [(classes[i], float(row[i])) for row, i in zip(probs, probs.argmax(axis=1), strict=False)]
 
 
 def seeded_net() -> torch.nn.Module:
@@ -65,19 +54,19 @@ def exported(tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("onnx")
     paths = {"plain": out / "plain.onnx", "mirror": out / "mirror.onnx"}
     for name, path in paths.items():
-        model = runtimes.probability_model(export.native_pooling(seeded_net()), mirror=name == "mirror")
-        export.export_onnx(model, path, metadata={"mirror": str(name == "mirror").lower()})
+        model = probability_model(onnx_graphs.native_pooling(seeded_net()), mirror=name == "mirror")
+        onnx_graphs.export_onnx(model, path, metadata={"mirror": str(name == "mirror").lower()})
     return paths
 
 
 def torch_probs(x: np.ndarray, mirror: bool = False) -> np.ndarray:
-    return runtimes.TorchPredictor(runtimes.probability_model(seeded_net(), mirror)).predict(x)
+    return runtimes.TorchPredictor(probability_model(seeded_net(), mirror)).predict(x)
 
 
 def test_native_pooling_gives_the_same_numbers():
     x = torch.rand(3, 1, 200, 200)
     with torch.no_grad():
-        assert (seeded_net()(x) - export.native_pooling(seeded_net())(x)).abs().max() < 1e-6
+        assert (seeded_net()(x) - onnx_graphs.native_pooling(seeded_net())(x)).abs().max() < 1e-6
 
 
 @pytest.mark.parametrize("n", [1, 5, 30])  # 30: chunks of CHUNK run in parallel
@@ -115,7 +104,7 @@ def test_openvino_fp32_agrees_with_torch(exported, images, n):
 
 
 def test_plain_client_reproduces_the_predictions(exported, images):
-    answers = readme_client(exported["plain"], FILES)
+    answers = documented_onnx_client()["classify"](exported["plain"], FILES)  # numpy, PIL, onnxruntime only
     expected = torch_probs(images)
     assert [c for c, _ in answers] == [CLASSES[i] for i in expected.argmax(1)]
     assert np.allclose([p for _, p in answers], expected.max(1), atol=TOLERANCE)
@@ -148,8 +137,20 @@ FP32 = {"changed_predictions": 0, "max_prob_diff": 3e-8, "errors": 10, "robustne
     ("openvino-int8", FP32 | {"robustness_mean": 0.896}, False),
 ])
 def test_verdict_applies_the_rules(name, figures, kept):
-    args = export.get_args_parser().parse_args([])
+    args = export.resolve_args([])
     assert export.verdict(name, figures, FP32, args)[0] is kept
+
+
+def test_settings_come_from_params_and_options_override_them():
+    cfg = load_config()
+    default = export.resolve_args([])
+    assert default.mirror is cfg.inference.mirror and default.tolerance == cfg.export.tolerance
+    assert default.calibration_images == cfg.export.calibration_images
+    assert export.resolve_args(["--set", "export.tolerance=2e-4"]).tolerance == 2e-4  # as dvc exp run -S writes it
+    both = export.resolve_args(["--set", "export.tolerance=2e-4", "--tolerance", "3e-4",
+                                "--set", "inference.mirror=true", "--no-mirror", "--max-accuracy-images", "0"])
+    assert (both.tolerance, both.mirror, both.max_accuracy_images) == (3e-4, False, 0)
+    assert export.resolve_args(["--set", "inference.mirror=true"]).mirror is True
 
 
 def test_fastest_passing_falls_back_to_torch(tmp_path, exported):
@@ -197,6 +198,10 @@ def test_stage_writes_graphs_and_a_report(tmp_path):
                  "--report", str(tmp_path / "export.json"), "--mirror", "--calibration-images", "8"])
     report = json.loads((tmp_path / "export.json").read_text())
     assert report["mirror"] is True and report["n_test"] == 10
+    models = tmp_path / "models"
+    assert report["model_sha256"] == sha256_file(tmp_path / "model.pt")
+    assert (report["onnx_sha256"], report["int8_sha256"]) == (sha256_file(models / "model.onnx"),
+                                                               sha256_file(models / "model.int8.onnx"))
     for name in ("onnx", "openvino"):
         figures = report["variants"][name]
         assert figures["kept"] and figures["changed_predictions"] == 0 and figures["max_prob_diff"] < 1e-4

@@ -64,10 +64,16 @@ def candidate(evaluated: Path, tmp_path: Path, accuracy: float, split_file: Path
     return reports
 
 
-def run_register(name, reports, ws, model_file, split_file=None, *overrides):
-    cfg = tiny_config(f"register.model_name={name}", *overrides)
-    return register(cfg, reports / "run.json", reports / "metrics.json", split_file or ws.split, ws.images,
-                    model_file, reports / "registration.json")
+@pytest.fixture
+def run_register(tiny_export):
+    """The register stage on a pass's reports, publishing the tiny model's exported files."""
+
+    def run(name, reports, ws, model_file, split_file=None, *overrides):
+        cfg = tiny_config(f"register.model_name={name}", *overrides)
+        return register(cfg, reports / "run.json", reports / "metrics.json", split_file or ws.split, ws.images,
+                        model_file, reports / "registration.json", tiny_export / "export.json", tiny_export)
+
+    return run
 
 
 def aliases(name) -> dict:
@@ -85,7 +91,7 @@ def test_gate_rules():
     assert not promote and "champion v3 0.9600" in reasons[1] and "0.9700" in reasons[1]
 
 
-def test_real_evaluated_run_is_registered_with_its_metrics(evaluated, tiny_data, tiny_model, name):
+def test_real_evaluated_run_is_registered_with_its_metrics(evaluated, tiny_data, tiny_model, name, run_register):
     result = run_register(name, evaluated, tiny_data, tiny_model, None, "register.accuracy_floor=0.0")
     metrics = json.loads((evaluated / "metrics.json").read_text())
     record = json.loads((evaluated / "run.json").read_text())
@@ -105,7 +111,7 @@ def test_real_evaluated_run_is_registered_with_its_metrics(evaluated, tiny_data,
     assert len(MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).search_model_versions(f"name = '{name}'")) == 1
 
 
-def test_first_model_must_pass_the_floor(evaluated, tiny_data, tiny_model, tmp_path, name):
+def test_first_model_must_pass_the_floor(evaluated, tiny_data, tiny_model, tmp_path, name, run_register):
     low = run_register(name, candidate(evaluated, tmp_path, 0.90, tiny_data.split), tiny_data, tiny_model)
     assert low["decision"] == "rejected" and low["champion"] is None
     assert aliases(name) == {"challenger": "1"}
@@ -114,7 +120,7 @@ def test_first_model_must_pass_the_floor(evaluated, tiny_data, tiny_model, tmp_p
     assert "no champion yet" in " ".join(first["reasons"])
 
 
-def test_promote_then_keep_the_champion(evaluated, tiny_data, tiny_model, tmp_path, name):
+def test_promote_then_keep_the_champion(evaluated, tiny_data, tiny_model, tmp_path, name, run_register):
     def reg(acc, *overrides):
         return run_register(name, candidate(evaluated, tmp_path, acc, tiny_data.split), tiny_data, tiny_model,
                             None, *overrides)
@@ -144,7 +150,7 @@ def _accuracy(model_file, split_file, image_dir) -> float:
     return round((predicted == test.labels).float().mean().item(), 6)
 
 
-def test_changed_split_reevaluates_the_champion_first(evaluated, tiny_data, tiny_model, tmp_path, name):
+def test_changed_split_reevaluates_the_champion_first(evaluated, tiny_data, tiny_model, tmp_path, name, run_register):
     assert run_register(name, candidate(evaluated, tmp_path, 0.96, tiny_data.split), tiny_data, tiny_model,
                         None, "register.accuracy_floor=0.0")["champion"] == "1"
     new_split = tmp_path / "split.csv"
@@ -168,7 +174,7 @@ def test_changed_split_reevaluates_the_champion_first(evaluated, tiny_data, tiny
 
 
 def test_crash_before_the_alias_moves_leaves_the_old_champion(evaluated, tiny_data, tiny_model, tmp_path,
-                                                             name, monkeypatch):
+                                                             name, monkeypatch, run_register):
     run_register(name, candidate(evaluated, tmp_path, 0.96, tiny_data.split), tiny_data, tiny_model)
     better = candidate(evaluated, tmp_path, 0.99, tiny_data.split)
     real = MlflowClient.set_registered_model_alias
@@ -192,14 +198,15 @@ def test_crash_before_the_alias_moves_leaves_the_old_champion(evaluated, tiny_da
     assert [(h["version"], h["replaced"]) for h in history] == [("1", None), ("2", "1")]
 
 
-def test_stale_metrics_are_refused(evaluated, tiny_data, tiny_model, tmp_path, name):
+def test_stale_metrics_are_refused(evaluated, tiny_data, tiny_model, tmp_path, name, run_register):
     reports = candidate(evaluated, tmp_path, 0.96, tiny_data.split)
     (reports / "metrics.json").write_text(json.dumps({"accuracy": 0.5, "macro_f1": 0.5}))
     with pytest.raises(StageError, match="rerun the evaluate stage"):
         run_register(name, reports, tiny_data, tiny_model)
 
 
-def test_history_command_and_champion_for_a_plain_client(evaluated, tiny_data, tiny_model, tmp_path, name, capsys):
+def test_history_command_and_champion_for_a_plain_client(evaluated, tiny_data, tiny_model, tmp_path, name, capsys,
+                                                         run_register):
     run_register(name, candidate(evaluated, tmp_path, 0.96, tiny_data.split), tiny_data, tiny_model)
     main(["--history", "--set", f"register.model_name={name}"])
     out = capsys.readouterr().out
@@ -214,7 +221,7 @@ def test_history_command_and_champion_for_a_plain_client(evaluated, tiny_data, t
 
 
 @pytest.mark.slow
-def test_served_champion_answers_invocations(evaluated, tiny_data, tiny_model, tmp_path, name):
+def test_served_champion_answers_invocations(evaluated, tiny_data, tiny_model, tmp_path, name, run_register):
     import socket
 
     run_register(name, candidate(evaluated, tmp_path, 0.96, tiny_data.split), tiny_data, tiny_model)

@@ -3,6 +3,7 @@
 #   make test       ruff, then the whole test suite
 #   make test-fast  the test suite without the slow tests (no ruff)
 #   make bench      train and score every model, print a table (ARGS="--seeds 0 1 2 --epochs 5")
+#   make bench-inference  every runtime on the test images, one table of speeds and ratios (ARGS="--mirror")
 #   make retrain    the Prefect training flow once (ARGS="--set key=value --device cuda")
 #                   pipeline, retrain, serve: one run at a time per workspace; WAIT=1 waits for a busy one
 #   make serve      the training flow as a deployment on a cron schedule (CRON="0 3 * * 1")
@@ -29,7 +30,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
-.PHONY: install pipeline retrain serve sweep test test-fast bench ui registry mlflow-server remote deploy worker
+.PHONY: install pipeline retrain serve sweep test test-fast bench bench-inference ui registry mlflow-server remote deploy worker
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -70,6 +71,11 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_models.py $(ARGS)
+
+# models/model.pt on the test part of data/split.csv: torch eager and compiled, ONNX Runtime and
+# OpenVINO (fp32, bf16, int8 where the CPU has the instructions), each in its own process.
+bench-inference: $(STAMP)
+	$(PY) benchmarks/bench_inference.py $(ARGS)
 
 # MLflow: run metadata in mlflow.db (MLFLOW_TRACKING_URI), artifacts in mlruns/ beside it.
 UI_PORT ?= 5000

@@ -1,16 +1,19 @@
 """Inference speed of every runtime on the test images, in one run; prints one Markdown table.
 
-    python benchmarks/bench_inference.py                  # models/model.pt, data/split.csv
+    make bench-inference                                  # = python benchmarks/bench_inference.py
     python benchmarks/bench_inference.py --passes 7 --batches 1 64
+    python benchmarks/bench_inference.py --mirror         # also the mirror-averaged graphs
 
-Exports ``--model`` to ONNX (plain, mirror-averaged and int8) in a work folder, then runs each
-runtime in its own process (so that its peak memory is its own) on the same test images: images/s
-at each batch size (the median of ``--passes`` passes over all test images), latency p50/p99 of
-single images, images per CPU-second at batch 64 (steadier than the wall clock on a loaded host),
-peak RSS, test accuracy and whether every prediction matches eager PyTorch's.
+Exports ``--model`` to ONNX (and int8, calibrated on ``export.calibration_images`` training images)
+in a work folder, then runs each runtime in its own process (so that its peak memory is its own)
+on the same test images: images/s at each batch size (the median of ``--passes`` passes over all
+test images), latency p50/p99 of single images, images per CPU-second at batch 64 (steadier than
+the wall clock on a loaded host), peak RSS, test accuracy and whether every prediction matches
+eager PyTorch's. Cases whose instructions the CPU lacks (bf16, int8) are left out and named.
 Ratios are to eager PyTorch as ``neu-predict`` runs it, measured in the same run: only ratios from
-one run compare, since the host and its load change from run to run. Mirror averaging is measured
-for eager PyTorch and the fastest runtime that matches it. Nothing under models/ or reports/ is
+one run compare, since the host and its load change from run to run. With ``--mirror``, mirror
+averaging is measured for eager PyTorch and for the fastest case that matches eager on every
+image (the ``+ mirror`` rows, compared with eager + mirror). Nothing under models/ or reports/ is
 written. Not part of the test suite: it takes minutes.
 """
 
@@ -65,14 +68,15 @@ def load_predictor(variant: str, work: Path, mirror: bool, options: dict, thread
     import torch
 
     from neu_model import runtimes
+    from neu_model.inference import load_torch_model, probability_model
 
     if threads:
         torch.set_num_threads(threads)
         options = options | {"threads": threads}
     models = work / ("mirror" if mirror else "plain")
     if variant.startswith("torch"):
-        network = runtimes.load_network(work / "model.pt")
-        predictor = runtimes.TorchPredictor(runtimes.probability_model(network, mirror))
+        network = load_torch_model(work / "model.pt")[0]
+        predictor = runtimes.TorchPredictor(probability_model(network, mirror))
         if variant == "torch-compile":
             # dynamic=True: one graph for every batch size (the last batch of a pass is smaller).
             predictor.model = torch.compile(predictor.model, dynamic=True)
@@ -145,18 +149,20 @@ def prepare(args: argparse.Namespace, work: Path) -> np.ndarray:
     """Test images and labels as .npy, the model and its ONNX exports in ``work``; returns the labels."""
     import shutil
 
-    from neu_model import export, runtimes
+    from neu_model import export, onnx_graphs, runtimes
+    from neu_model.config import load_config
     from neu_model.data import load_split, to_float
+    from neu_model.inference import load_torch_model, probability_model
 
     test = load_split("test", args.split, args.images)
     np.save(work / "images.npy", to_float(test.images).numpy())
     shutil.copy(args.model, work / "model.pt")
-    calibration = export.calibration_images(args.split, args.images, 256)
-    for mirror in (False, True):
+    calibration = export.calibration_images(args.split, args.images, load_config().export.calibration_images)
+    for mirror in (False, True) if args.mirror else (False,):
         folder = work / ("mirror" if mirror else "plain")
-        net = export.native_pooling(runtimes.load_network(args.model))
-        export.export_onnx(runtimes.probability_model(net, mirror), folder / runtimes.ONNX_FILE)
-        export.quantize_int8(folder / runtimes.ONNX_FILE, folder / runtimes.INT8_FILE, calibration)
+        net = onnx_graphs.native_pooling(load_torch_model(args.model)[0])
+        onnx_graphs.export_onnx(probability_model(net, mirror), folder / runtimes.ONNX_FILE)
+        onnx_graphs.quantize_int8(folder / runtimes.ONNX_FILE, folder / runtimes.INT8_FILE, calibration)
     return test.labels.numpy()
 
 
@@ -193,6 +199,17 @@ def add_ratios(rows: list[dict], eager: dict, batches: list[int]) -> None:
             row[name] = round(row[column] / eager[column], 2)
 
 
+def compile_note(rows: list[dict], batches: list[int]) -> str:
+    """Whether torch.compile helps over eager at the measured batch sizes (it is only worth its
+    start-up time where it is faster)."""
+    by_case = {r["case"]: r for r in rows}
+    if "torch.compile" not in by_case:
+        return " torch.compile: failed or not run, left out."
+    faster = [b for b in batches if by_case["torch.compile"][f"img/s b{b}"] > by_case["torch eager"][f"img/s b{b}"]]
+    return (f" torch.compile faster than eager at batch {', '.join(map(str, faster))}." if faster
+            else " torch.compile is no faster than eager at any batch size here: not worth it.")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=ROOT / "models/model.pt")
@@ -204,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="threads of every runtime; 0: their defaults (one per core). 1 compares "
                              "per core, which a loaded host distorts least")
+    parser.add_argument("--mirror", action="store_true",
+                        help="also measure mirror averaging (eager and the fastest case that matches eager)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -225,8 +244,8 @@ def main(argv: list[str] | None = None) -> None:
         batch = 64 if 64 in args.batches else args.batches[-1]
         fastest = max((r for r in rows if r["same as eager"] == "yes" and r["case"] != "torch eager"),
                       key=lambda r: r[f"img/s b{batch}"], default=None)
-        mirror_rows = [r for r in (run_case(f"{c} + mirror", args, work) for c in
-                                   ["torch eager", *([fastest["case"]] if fastest else [])]) if r]
+        mirror_cases = ["torch eager", *([fastest["case"]] if fastest else [])] if args.mirror else []
+        mirror_rows = [r for r in (run_case(f"{c} + mirror", args, work) for c in mirror_cases) if r]
         rows += [score(r, work, labels, "torch eager + mirror") for r in mirror_rows]
     if not rows or rows[0]["case"] != "torch eager":
         sys.exit("eager PyTorch, the reference, failed; see the note above")
@@ -238,8 +257,10 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"\ntorch {torch.__version__}, onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__}; "
           f"{args.passes} passes over {len(labels)} test images per batch size; "
-          f"threads: {args.threads or 'each runtime its default'}; mirror rows match eager + mirror."
-          + (f" Skipped (CPU lacks the instructions): {', '.join(skipped)}." if skipped else ""))
+          f"threads: {args.threads or 'each runtime its default'}"
+          + ("; mirror rows compared with eager + mirror." if args.mirror else ".")
+          + (f" Skipped (CPU lacks the instructions): {', '.join(skipped)}." if skipped else "")
+          + compile_note(rows, args.batches))
 
 
 if __name__ == "__main__":

@@ -4,11 +4,17 @@
     python benchmarks/bench_models.py --models defectnet --seeds 0 1 2
     python benchmarks/bench_models.py --models seed_cnn --epochs 3   # speed columns only
     python benchmarks/bench_models.py --models defectnet --seeds 3 4 --set split.val_fraction=0.1
+    python benchmarks/bench_models.py --models defectnet --seeds 0 1 2 3 4 5 6 7 8 9 --mirror-eval \
+        --workdir bench-mirror --reuse   # test-time mirror averaging, each model scored both ways
 
 Each (model, seed) gets its own split of the downloaded set (``split.*`` of params.yaml, seeded
 like the pipeline), is trained with its recipe from params.yaml (``--set`` overrides any key,
 ``--epochs`` every recipe's epochs) and evaluated with the evaluate stage, robustness suite
-included.
+included. With ``--mirror-eval`` each model is evaluated a second time with mirror averaging
+(``inference.mirror=true``; the first evaluation then without it, whatever params.yaml says), and
+the table gains ``errors_mirror``, ``in_ps_errors`` / ``in_ps_errors_mirror`` and ``review_share``
+/ ``review_share_mirror`` (the share of test images below ``review.below_confidence``); with
+``--reuse`` models already trained in ``--workdir`` are only evaluated again.
 Everything is written under ``--workdir`` (a temporary folder by default): nothing in
 ``data/``, ``models/`` or ``reports/`` is touched, and MLflow logs to a store in the work
 folder unless ``MLFLOW_TRACKING_URI`` is set. Not part of the test suite: it takes minutes
@@ -68,7 +74,7 @@ def trained_before(model_file: Path, cfg) -> dict | None:
 
 def run_one(name: str, seed: int, epochs: int | None, work: Path, image_dir: Path, manifest: Path,
             params: Path, threads: int, robustness: bool = True, extra: list[str] | None = None,
-            reuse: bool = False) -> dict:
+            reuse: bool = False, mirror_eval: bool = False) -> dict:
     from neu_model.evaluate import evaluate
     from neu_model.split import split_frame
     from neu_model.train import train
@@ -77,7 +83,8 @@ def run_one(name: str, seed: int, epochs: int | None, work: Path, image_dir: Pat
                  f"evaluate.robustness={str(robustness).lower()}"]
     if epochs:
         overrides.append(f"train.recipes.{name}.epochs={epochs}")
-    cfg = load_config(params, [*overrides, *(extra or [])])
+    # --mirror-eval: the first evaluation without mirror averaging, whatever params.yaml says
+    cfg = load_config(params, [*overrides, *(extra or []), *(["inference.mirror=false"] if mirror_eval else [])])
     out = work / f"{name}-seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
     split_file = work / f"split-seed{seed}.csv"
@@ -91,7 +98,7 @@ def run_one(name: str, seed: int, epochs: int | None, work: Path, image_dir: Pat
     metrics = evaluate(cfg, out / "model.pt", split_file, image_dir, out)
     arch = dict(cfg.train.recipes[name].arch)
     model = build_model(name, **arch)
-    return {
+    row = {
         "model": name, "seed": seed, "epochs": summary["epochs"],
         "test_acc_%": round(100 * metrics["accuracy"], 2), "macro_f1_%": round(100 * metrics["macro_f1"], 2),
         "robust_%": round(100 * metrics.get("robustness", {}).get("mean_accuracy", float("nan")), 2),
@@ -104,6 +111,29 @@ def run_one(name: str, seed: int, epochs: int | None, work: Path, image_dir: Pat
         "infer_img/s_b64": round(inference_speed(name, 64, arch)),
         "MMACs": round(count_macs(model) / 1e6, 1), "params_k": round(count_params(model) / 1e3),
     }
+    if mirror_eval:
+        mirror_cfg = load_config(params, [*overrides, *(extra or []), "inference.mirror=true"])
+        # Scored apart from the training's MLflow run (no run.json there): the figures go into the
+        # table only, and the tracking module's note that nothing is logged is expected here.
+        tracking_log = logging.getLogger("neu_model.tracking")
+        level = tracking_log.level
+        tracking_log.setLevel(logging.ERROR)
+        try:
+            mirrored = evaluate(mirror_cfg, out / "model.pt", split_file, image_dir, out / "mirror")
+        finally:
+            tracking_log.setLevel(level)
+        row |= mirror_columns(metrics, mirrored)
+    return row
+
+
+def mirror_columns(plain: dict, mirror: dict) -> dict:
+    """The test figures of one model with and without mirror averaging (``--mirror-eval``)."""
+    columns = {"errors_mirror": mirror["errors"], "in_ps_errors": plain["in_ps_errors"],
+               "in_ps_errors_mirror": mirror["in_ps_errors"], "review_share": plain["review"]["flagged_share"],
+               "review_share_mirror": mirror["review"]["flagged_share"]}
+    if "robustness" in mirror:
+        columns["robust_%_mirror"] = round(100 * mirror["robustness"]["mean_accuracy"], 2)
+    return columns
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
     parser.add_argument("--no-robustness", action="store_true", help="skip the corruption suite (faster)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table as CSV here")
+    parser.add_argument("--mirror-eval", action="store_true",
+                        help="also evaluate each model with test-time mirror averaging (inference.mirror=true)")
     parser.add_argument("--reuse", action="store_true",
                         help="keep a model in --workdir trained with exactly the same config instead of retraining")
     args = parser.parse_args(argv)
@@ -134,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         for seed in args.seeds:
             print(f"# {name} seed {seed} ...", file=sys.stderr, flush=True)
             rows.append(run_one(name, seed, args.epochs, work, args.images, args.manifest, Path(args.params),
-                                args.threads, not args.no_robustness, args.overrides, args.reuse))
+                                args.threads, not args.no_robustness, args.overrides, args.reuse, args.mirror_eval))
     table = pd.DataFrame(rows)
     if len(args.seeds) > 1:
         means = table.groupby("model", sort=False).mean(numeric_only=True).round(2).reset_index()

@@ -109,9 +109,13 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, bat
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    # Batches of one size: the percentile calibrator stacks every batch's activations and fails
+    # on a shorter last batch (100 images in batches of 32, say).
+    size = max((d for d in range(1, min(batch_size, len(calibration)) + 1) if len(calibration) % d == 0), default=1)
+
     class Batches(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter([calibration[i: i + batch_size] for i in range(0, len(calibration), batch_size)])
+            self.batches = iter([calibration[i: i + size] for i in range(0, len(calibration), size)])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             batch = next(self.batches, None)

@@ -110,6 +110,15 @@ def test_plain_client_reproduces_the_predictions(exported, images):
     assert np.allclose([p for _, p in answers], expected.max(1), atol=TOLERANCE)
 
 
+def test_int8_calibration_takes_a_count_that_no_batch_size_divides(exported, images, tmp_path):
+    assert len(images) % 4  # 30 images in batches of up to 4: the calibrator needs batches of one size
+    onnx_graphs.quantize_int8(exported["plain"], tmp_path / "int8.onnx", images, batch_size=4)
+    int8 = onnx.load(tmp_path / "int8.onnx")
+    assert any(node.op_type == "QuantizeLinear" for node in int8.graph.node)
+    probs = runtimes.OnnxPredictor(tmp_path / "int8.onnx").predict(images)
+    assert probs.shape == (len(images), len(CLASSES)) and np.allclose(probs.sum(1), 1, atol=1e-4)
+
+
 def test_the_file_states_its_contract(exported):
     model = onnx.load(exported["mirror"])
     props = {p.key: p.value for p in model.metadata_props}

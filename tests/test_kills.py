@@ -167,6 +167,24 @@ def test_evaluate_killed_before_metrics_and_register_refuses_the_mix(project):
                                                                  "the new model; the rerun writes the new ones"))
 
 
+def test_export_killed_between_its_files_and_register_refuses_the_mix(project):
+    before = {name: project.read(f"models/{name}") for name in ("model.onnx", "model.int8.onnx")}
+    report = project.read("reports/export.json")
+    project.stage("export", "rename:model.int8.onnx")
+    # the new fp32 graph is in place, the int8 twin and the report are still the old model's
+    assert project.read("models/model.onnx") != before["model.onnx"]
+    assert project.read("models/model.int8.onnx") == before["model.int8.onnx"]
+    assert project.read("reports/export.json") == report
+    champion = champion_was_evaluated(project.client())
+    refused = run([sys.executable, "-m", "neu_model.register"], project.root, project.env)
+    assert refused.proc.returncode == 2 and "rerun the export stage" in refused.output
+    assert champion_was_evaluated(project.client()) == champion
+    project.stage("export")
+    assert project.read("reports/export.json") != report
+    OUTCOMES.append(("export", "between model.onnx and model.int8.onnx", "register refuses the mix; the rerun "
+                                                                         "writes both and the report"))
+
+
 def test_register_killed_between_version_and_alias(project):
     client = project.client()
     champion = champion_was_evaluated(client)

@@ -29,7 +29,7 @@ def test_dvc_repro_runs_every_stage_then_does_nothing(project):
     dvc = str(Path(sys.executable).parent / "dvc")
     first = run([dvc, "repro"], project)
     assert first.returncode == 0, first.stdout + first.stderr
-    for stage in ("source", "download", "split", "train", "evaluate", "register"):
+    for stage in ("source", "download", "split", "train", "evaluate", "export", "register"):
         assert f"Running stage '{stage}'" in first.stdout
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
     registration = json.loads((project / "reports" / "registration.json").read_text())
@@ -38,11 +38,17 @@ def test_dvc_repro_runs_every_stage_then_does_nothing(project):
     assert 0 <= metrics["accuracy"] <= 1 and "per_class" in metrics
     assert (project / "models" / "model.pt").exists()
     assert (project / "dvc.lock").exists()
+    export = json.loads((project / "reports" / "export.json").read_text())
+    assert export["variants"]["onnx"]["kept"] and export["offered"]
+    shown = json.loads(run([str(Path(sys.executable).parent / "dvc"), "metrics", "show", "--json"], project).stdout)
+    assert {"reports/metrics.json", "reports/export.json"} <= set(shown[""]["data"])
 
     # The session's throwaway store (conftest), inherited by dvc's stages; named explicitly because
     # MLflow's global URI may still point where an earlier test's in-process code left it.
     client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
     experiment = client.get_run(run_id).info.experiment_id
+    published = {Path(f.path).name for f in client.list_artifacts(run_id, "exported")}
+    assert {"model.pt", "model.onnx", "export.json"} <= published  # the registered version's run has its files
     n_runs = len(client.search_runs([experiment]))
     again = run([dvc, "repro"], project)
     assert len(client.search_runs([experiment])) == n_runs  # skipped stages create no (empty) run

@@ -71,6 +71,11 @@ def metrics(report: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def version_tags(report: Mapping[str, Any]) -> dict[str, str]:
+    """What a version says of its exported files: the ONNX file's sha256 and the variants offered."""
+    return {"export.onnx_sha256": report["onnx_sha256"], "export.offered": ",".join(report.get("offered", []))}
+
+
 def log_exported(run, report_file: Path, report: Mapping[str, Any], models_dir: Path, model_file: Path) -> list[str]:
     """Log the files under ``exported/`` of ``run`` and the report's figures as its metrics.
 

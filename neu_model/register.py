@@ -161,16 +161,18 @@ def register(cfg: Config, run_file: Path = tracking.RUN_FILE, metrics_file: Path
         tags = {"test_accuracy": accuracy, "macro_f1": metrics["macro_f1"], f"accuracy_on.{split_id}": accuracy,
                 "test_split_id": split_id, "dataset_version": run.record["dataset_version"], "run_id": run.run_id,
                 "model": run.record.get("model", ""), "git_sha": provenance.git_sha(),
-                "inference.mirror": str(mirror).lower(), "export.onnx_sha256": report["onnx_sha256"],
-                "export.offered": ",".join(report.get("offered", []))}
+                "inference.mirror": str(mirror).lower()}
         model_uri, model_id = _served_model(run, cfg, model_file)
         version = client.create_model_version(name, model_uri, run_id=run.run_id, model_id=model_id,
                                               tags={k: str(v) for k, v in tags.items()}, description=CONTRACT)
         log.info("registered %s version %s from run %s", name, version.version, run.run_id)
         pause_point("register:version-created")  # tests kill here (tests/test_kills.py)
     v = str(version.version)  # MLflow returns ints here and strings elsewhere
-    # Before any alias points at the version: a client resolving it finds its files.
+    # Before any alias points at the version: a client resolving it finds its files. Every pass:
+    # the export may have been judged again (other export.* params) for the same model.
     exported.log_exported(run, export_report, report, models_dir, model_file)
+    for key, value in exported.version_tags(report).items():
+        client.set_model_version_tag(name, v, key, value)
     client.set_registered_model_alias(name, CHALLENGER, v)
 
     champion = _champion(client, name)

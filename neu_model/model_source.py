@@ -17,7 +17,7 @@ from torch import nn
 
 from neu_model.cli import StageError, tracking_uri
 from neu_model.config import CLASSES, PARAMS_FILE, load_config
-from neu_model.inference import MirrorAverage, Predictor, load_torch_model, memory_format, select_device
+from neu_model.inference import Predictor, load_torch_model, memory_format, select_device
 
 MODELS_URI_PREFIX = "models:/"
 EXPORTED_SUFFIXES = (".onnx",)
@@ -125,8 +125,6 @@ def load_predictor(spec: str | Path, runtime: str = "auto", device: str = "auto"
     check_runtime(runtime, "torch", text)
     dev = select_device(device)
     model, meta = load_torch_model(path, dev)
-    if load_config().inference.mirror:  # as the registered and exported models run it
-        model = MirrorAverage(model)
     return TorchPredictor(model, dev, meta)
 
 

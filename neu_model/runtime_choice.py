@@ -60,7 +60,7 @@ class LoadedModel:
         runtime: what runs it (``pyfunc``, ``torch``, or a variant name).
         load_network: the eager network for Grad-CAM, loaded on first call; None for an
             exported file alone (nothing to explain).
-        note: why ``auto`` chose this runtime ("" when it was named).
+        note: why ``auto`` chose this runtime, or what differs from what was asked ("" when nothing).
     """
 
     predictor: Predictor
@@ -175,9 +175,16 @@ def local_model(path: Path, runtime: str, device: str, mirror: bool) -> LoadedMo
     if runtime in ("auto", "torch"):
         predictor = load_torch_predictor(path, device, mirror)
         return LoadedModel(predictor, "torch", lambda: predictor.network)
-    check_offered(runtime, local_report(path), str(path))
+    report = local_report(path)
+    check_offered(runtime, report, str(path))
     predictor = variant_predictor(runtime, path.parent)
-    return LoadedModel(predictor, runtime, lambda: load_torch_model(path, select_device(device))[0])
+    note = ""
+    if report is not None and bool(report.get("mirror", False)) != mirror:
+        # The graph carries the mirror averaging it was exported with; torch follows the params.
+        exported, asked = ("on" if on else "off" for on in (report.get("mirror"), mirror))
+        note = (f"note: runtime {runtime} runs the export's mirror averaging ({exported}), not inference.mirror "
+                f"({asked}); re-run the export stage to match")
+    return LoadedModel(predictor, runtime, lambda: load_torch_model(path, select_device(device))[0], note)
 
 
 def exported_model(path: Path, runtime: str) -> LoadedModel:

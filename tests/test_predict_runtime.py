@@ -25,6 +25,7 @@ from neu_model.data import load_images, to_float
 from neu_model.inference import load_torch_model
 from neu_model.model_source import MISSING_EXPORT_FIX, MissingArtifactError, version_artifact
 from neu_model.predict import cli
+from neu_model.runtime_choice import load_model
 
 from conftest import FIXTURE_IMAGES
 
@@ -200,4 +201,7 @@ def test_a_variant_the_local_export_report_dropped_is_refused(models_dir, tmp_pa
     status, _, err = predict(capsys, project / "models" / "model.pt", IMAGES[0], "--runtime", "openvino-bf16")
     assert status == 2 and DROPPED in err
     status, frame, err = predict(capsys, project / "models" / "model.pt", IMAGES[0], "--runtime", "onnx")
-    assert status == 0 and len(frame) == 1, err
+    assert status == 0 and len(frame) == 1 and "mirror" not in err, err
+    # asked to mirror, the graph exported without: said, not silently ignored
+    note = load_model(project / "models" / "model.pt", "onnx", "cpu", mirror=True).note
+    assert "runs the export's mirror averaging (off), not inference.mirror (on)" in note

@@ -21,6 +21,7 @@ when the caller says so (params.yaml ``inference.mirror``); the ONNX files carry
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -69,6 +70,23 @@ class LoadedModel:
     note: str = ""
 
 
+def read_report(path: Path) -> dict:
+    """An export report (``export.json``).
+
+    Raises:
+        StageError: it is not JSON.
+    """
+    try:
+        report = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        report, why = None, str(exc)
+    else:
+        why = f"a JSON {type(report).__name__}, not an object"
+    if not isinstance(report, dict):
+        raise StageError(f"{path}: not an export report ({why}); re-run the export stage")
+    return report
+
+
 def check_runtime_name(runtime: str) -> None:
     if runtime not in RUNTIME_NAMES:
         raise StageError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIME_NAMES)}")
@@ -111,7 +129,7 @@ def machine_key() -> str:
 def fastest_here(report: Mapping[str, Any], folder: Path) -> str:
     """``runtimes.fastest_passing`` over ``folder``, timed once per machine and remembered there."""
     remembered = folder / FASTEST_FILE
-    if remembered.is_file():
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # unreadable: timed again
         saved = json.loads(remembered.read_text())
         if saved.get("machine") == machine_key() and saved.get("runtime") in ["torch", *runtimes.offered(report)]:
             return saved["runtime"]
@@ -131,7 +149,7 @@ def registry_model(uri: str, runtime: str, device: str, fix: str) -> LoadedModel
     if runtime == "pyfunc":
         return LoadedModel(load_pyfunc_model(uri, fix=fix), "pyfunc", network)
     try:
-        report = json.loads(files.fetch(EXPORT_REPORT).read_text())
+        report = read_report(files.fetch(EXPORT_REPORT))
     except MissingArtifactError:
         if runtime != "auto":
             raise
@@ -165,7 +183,7 @@ def local_report(model_file: Path) -> dict | None:
     """The export report of ``models/model.pt``'s exported files: ``reports/export.json`` beside its
     folder, as the export stage writes it; None when there is none."""
     report = model_file.parent.parent / "reports" / EXPORT_REPORT
-    return json.loads(report.read_text()) if report.is_file() else None
+    return read_report(report) if report.is_file() else None
 
 
 def local_model(path: Path, runtime: str, device: str, mirror: bool) -> LoadedModel:

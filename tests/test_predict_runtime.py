@@ -205,3 +205,13 @@ def test_a_variant_the_local_export_report_dropped_is_refused(models_dir, tmp_pa
     # asked to mirror, the graph exported without: said, not silently ignored
     note = load_model(project / "models" / "model.pt", "onnx", "cpu", mirror=True).note
     assert "runs the export's mirror averaging (off), not inference.mirror (on)" in note
+
+
+def test_a_damaged_export_report_is_one_line(models_dir, tmp_path, capsys):
+    project = tmp_path / "project"
+    shutil.copytree(models_dir, project / "models")
+    (project / "reports").mkdir()
+    (project / "reports" / "export.json").write_text("[1, 2]")
+    status, _, err = predict(capsys, project / "models" / "model.pt", IMAGES[0], "--runtime", "onnx")
+    assert status == 2 and err.count("\n") == 1
+    assert "export.json: not an export report (a JSON list, not an object); re-run the export stage" in err

@@ -27,7 +27,7 @@ from neu_model.localisation import SKIPPED, SUMMARY_KEYS, best_method, mlflow_me
 from neu_model.locate import DEFAULT_LOCATE, METHODS, params_from_dict
 
 from conftest import FIXTURE_IMAGES, tiny_config
-from download_support import FAST, isolate, serve
+from download_support import FAST, PROXY_VARS, serve
 
 FIXTURES = ROOT / "tests" / "fixtures"
 BOXES_CSV = FIXTURES / "boxes.csv"  # NEU-DET's real boxes of the 30 NEU-tiny images
@@ -112,6 +112,14 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
+def no_proxy_in(tmp_path: Path, monkeypatch) -> None:
+    """Work in ``tmp_path`` with no proxy between the stage and the server on 127.0.0.1."""
+    monkeypatch.chdir(tmp_path)
+    for var in PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("no_proxy", "*")
+
+
 def _voc_zip() -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as zf:
@@ -122,7 +130,7 @@ def _voc_zip() -> bytes:
 
 
 def test_url_of_a_zip_of_voc_files_is_downloaded_on_every_run(tmp_path, monkeypatch):
-    isolate(tmp_path, monkeypatch)
+    no_proxy_in(tmp_path, monkeypatch)
     out = Path("data/boxes.csv")
     with serve({"/neu-det.zip": _voc_zip()}) as (base, hits):
         assert main(["--set", f"data.boxes={base}/neu-det.zip"]) is True
@@ -136,7 +144,7 @@ def test_url_of_a_zip_of_voc_files_is_downloaded_on_every_run(tmp_path, monkeypa
 
 
 def test_url_errors_name_the_boxes_settings_and_hide_the_credentials(tmp_path, monkeypatch):
-    isolate(tmp_path, monkeypatch)
+    no_proxy_in(tmp_path, monkeypatch)
     with serve({"/neu-det.zip": b"PK\x03\x04 not a zip at all"}, password="s3cret") as (base, _):
         url = base.replace("http://", "http://ci:s3cret@")
         for path, named in (("/missing.zip", "HTTP 404"), ("/neu-det.zip", "not a CSV, folder, zip or tar archive")):

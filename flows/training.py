@@ -1,4 +1,5 @@
-"""The training flow: source → download → split → train → evaluate → export → register (dvc.yaml's stages).
+"""The training flow: source → download → boxes → split → train → evaluate → export → register (dvc.yaml's
+stages).
 
     python -m flows.training [--set KEY=VALUE ...] [--data-source SRC] [--device DEV]   # one run
     python -m flows.training serve [--cron "0 3 * * 1"]                                # scheduled
@@ -83,7 +84,7 @@ def _run(root: str, run_overrides: list[str], data_source: str | None, retry_bac
     ran = dict.fromkeys(orchestrate.STAGES, False)
     changed = []
     backoff = {"retry_delay_seconds": exponential_backoff(retry_backoff_seconds)}
-    steps = [stages.source, stages.download, stages.split, stages.train, stages.evaluate, stages.export,
+    steps = [stages.source, stages.download, stages.boxes, stages.split, stages.train, stages.evaluate, stages.export,
              stages.register.with_options(**backoff)]
     try:
         changed = run_params.apply(root, run_overrides, logger.warning)  # refused here: nothing has run yet

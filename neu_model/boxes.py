@@ -36,6 +36,7 @@ from neu_model.config import CLASSES
 from neu_model.download import FOLDER_CLASSES
 from neu_model.fetch import fetch_url
 
+BOXES_FILE = Path("data/boxes.csv")  # the boxes stage's output (neu_model.annotations), evaluate's input
 BOX_COLUMNS = ["file", "label", "box_class", "xmin", "ymin", "xmax", "ymax", "width", "height"]
 COORDINATES = ["xmin", "ymin", "xmax", "ymax"]
 BOX_KEYS = ["file", "box_class", *COORDINATES]  # the columns a box CSV needs
@@ -146,8 +147,8 @@ def _from_members(members: Iterable[tuple[str, bytes]], shown: str) -> pd.DataFr
     if rows:
         tables.append(pd.DataFrame(rows))
     if not tables:
-        raise StageError(f"{shown}: no NEU-DET annotations (crazing_1.xml ...) or box CSV found; point data.boxes "
-                         f"at the NEU-DET annotations (a folder, an archive or NEU-DET-boxes.csv)")
+        raise StageError(f"{shown}: no NEU-DET annotations (crazing_1.xml ...) or box CSV found; point data.boxes (or "
+                         f"NEU_BOXES_SOURCE) at the NEU-DET annotations (a folder, an archive or NEU-DET-boxes.csv)")
     return pd.concat(tables, ignore_index=True)
 
 
@@ -177,7 +178,7 @@ def _archive_members(archive: Path) -> list[tuple[str, bytes]]:
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise StageError(f"{archive}: damaged archive ({exc}); delete it and download it again") from None
     raise StageError(f"{archive}: not a CSV, folder, zip or tar archive of box annotations; "
-                     f"point data.boxes at one of those")
+                     f"point data.boxes (or NEU_BOXES_SOURCE) at one of those")
 
 
 def read_boxes(source: str | Path, cache_dir: Path = Path("data/cache")) -> pd.DataFrame:
@@ -207,8 +208,8 @@ def read_boxes(source: str | Path, cache_dir: Path = Path("data/cache")) -> pd.D
     elif path.is_file():
         table = _from_members(_archive_members(path), str(source))
     else:
-        raise StageError(f"{source}: no such file or folder; fix data.boxes (a CSV, a folder of VOC XML "
-                         f"files or an archive of them)")
+        raise StageError(f"{source}: no such file or folder; fix data.boxes or NEU_BOXES_SOURCE (a CSV, a "
+                         f"folder of VOC XML files or an archive of them)")
     return _check_table(table, str(source))
 
 

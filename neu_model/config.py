@@ -24,6 +24,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS_FILE = ROOT / "params.yaml"
 DATA_SOURCE_ENV = "NEU_DATA_SOURCE"
+BOXES_SOURCE_ENV = "NEU_BOXES_SOURCE"  # overrides data.boxes, as NEU_DATA_SOURCE data.source
 
 # Canonical class order: the model's output columns, everywhere.
 CLASSES: tuple[str, ...] = ("Cr", "In", "Pa", "PS", "RS", "Sc")
@@ -54,6 +55,7 @@ class DataConfig:
     expected_per_class: int | None  # None: any count ("any" in params.yaml)
     checksums: str
     image_size: int
+    boxes: str | None = None  # NEU-DET boxes for the localisation figures (neu_model.annotations); None: none
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,8 @@ class Config:
     register: RegisterConfig
     inference: InferenceConfig
     export: ExportConfig
+    # neu_model.locate's knobs as params.yaml writes them; neu_model.locate.params_from_dict checks them
+    locate: Mapping[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain data (saved in checkpoints, logged as params)."""
@@ -322,11 +326,11 @@ def load_raw(path: Path | str = PARAMS_FILE) -> dict[str, Any]:
 
 
 def load_config(path: Path | str = PARAMS_FILE, overrides: Sequence[str] = ()) -> Config:
-    """Load ``params.yaml``, apply overrides, then ``NEU_DATA_SOURCE`` if set."""
+    """Load ``params.yaml``, apply overrides, then ``NEU_DATA_SOURCE`` and ``NEU_BOXES_SOURCE`` if set."""
     raw = apply_overrides(load_raw(path), overrides)
-    env_source = os.environ.get(DATA_SOURCE_ENV)
-    if env_source:
-        raw["data"]["source"] = env_source
+    for env, key in ((DATA_SOURCE_ENV, "source"), (BOXES_SOURCE_ENV, "boxes")):
+        if os.environ.get(env):
+            raw["data"][key] = os.environ[env]
     return from_dict(raw)
 
 

@@ -5,9 +5,11 @@ http(s) URL of a .zip/.tar(.gz) archive, a local archive, or a local folder, in 
 NEU-CLS layout (``Cr_12.bmp``) or in class folders (Kaggle's ``train/Crazing/Cr_1.bmp``).
 The output is ``data/raw/NEU-CLS/<CLS>_<n>.bmp`` plus ``data/raw/manifest.csv``.
 Everything is built and checked in a temporary folder first, so bad input leaves the
-previous ``data/raw`` exactly as it was. Fetching (retries, timeouts, HTML pages instead of
-archives) is ``neu_model.fetch``; unpacking (unsafe members, zip bombs) ``neu_model.archive``.
-Credentials in the source URL never reach a message or log (``neu_model.redact``).
+previous ``data/raw`` exactly as it was. Fetching (the download cache, retries, timeouts, HTML
+pages instead of archives) is ``neu_model.fetch``; unpacking (unsafe members, zip bombs)
+``neu_model.archive``; the checks of counts, image format and the public set's checksums
+``neu_model.dataset_checks``. Credentials in the source URL never reach a message or log
+(``neu_model.redact``).
 
     python -m neu_model.download [--params params.yaml] [--set data.expected_per_class=any]
 """
@@ -27,14 +29,15 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-from neu_model.archive import DamagedArchive, extract, wanted
+from neu_model.archive import wanted
 from neu_model.cli import StageError, run_stage
 from neu_model.config import ROOT, Config, add_config_args, load_config
-from neu_model.fetch import READ_TIMEOUT, RETRY_DELAYS, fetch_url
+from neu_model.dataset_checks import check_counts, check_image, verify_public
+from neu_model.fetch import READ_TIMEOUT, RETRY_DELAYS, extract_source, local_source
 from neu_model.files import replace_dir, sha256_file
-from neu_model.redact import install_log_redaction, redact_url, split_credentials
+from neu_model.redact import install_log_redaction, redact_url
 
 log = logging.getLogger("neu_model.download")  # not "__main__" under python -m
 
@@ -65,29 +68,6 @@ class _Entry:
     shown: str  # how error messages name the file: source plus path inside it
     label: str
     name: str  # canonical output name
-
-
-def _source_path(source: str, cache_dir: Path, retry_delays: Sequence[float], read_timeout: float,
-                 max_bytes: int) -> tuple[Path, bool]:
-    """Return a local folder or archive for ``source`` (downloading URLs into the cache), and
-    whether it is a cached download."""
-    if re.match(r"^https?://", source, re.IGNORECASE):
-        plain, _ = split_credentials(source)  # a new token for the same file reuses the cached copy
-        low = plain.lower().split("?")[0]
-        ext = next((e for e in (".tar.gz", ".tgz", ".tar", ".zip") if low.endswith(e)), ".archive")
-        cached = cache_dir / (hashlib.sha256(plain.encode()).hexdigest() + ext)
-        if cached.exists():
-            log.info("using cached %s for %s", cached, redact_url(source))
-        else:
-            fetch_url(source, cached, retry_delays, read_timeout, max_bytes)
-        return cached, True
-    if "://" in source:
-        raise StageError(f"{source}: unsupported URL scheme; use http(s)://, a local archive or a folder")
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise StageError(f"{source}: no such file or folder (relative to {Path.cwd()}); "
-                         f"fix data.source in params.yaml or set NEU_DATA_SOURCE")
-    return path, False
 
 
 def scan(root: Path, classes: Sequence[str], shown_root: str = "") -> list[_Entry]:
@@ -174,55 +154,6 @@ def drop_duplicates(entries: Sequence[_Entry]) -> list[_Entry]:
     return kept
 
 
-def _check_counts(entries: Sequence[_Entry], cfg: Config, source: str) -> dict[str, int]:
-    """Reject an empty source and wrong class counts; return the counts per class."""
-    if not entries:
-        raise StageError(f"{source}: no images found (.bmp/.png/.jpg named <CLS>_<n> or in class folders); "
-                         f"fix data.source or NEU_DATA_SOURCE")
-    counts = {c: sum(e.label == c for e in entries) for c in cfg.data.classes}
-    text = ", ".join(f"{c} {n}" for c, n in counts.items())
-    for c, n in counts.items():
-        if n == 0:
-            raise StageError(f"{source}: no images of class {c} ({text}); every class in data.classes needs images")
-        if cfg.data.expected_per_class is not None and n != cfg.data.expected_per_class:
-            raise StageError(f"{source}: {n} images of class {c}, expected {cfg.data.expected_per_class} ({text}); "
-                             f"fix the source, or set data.expected_per_class=any for a plant's own data")
-    return counts
-
-
-def check_image(path: Path, shown: str, size: int) -> tuple[int, int]:
-    """Decode ``path`` fully; require ``size`` x ``size`` 8-bit grayscale. Returns (width, height)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img.load()
-            mode, dims, palette = img.mode, img.size, img.getpalette() if img.mode == "P" else None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise StageError(f"{shown}: cannot be decoded as an image ({exc}); replace it with a good copy") from None
-    if dims != (size, size):
-        raise StageError(f"{shown}: is {dims[0]}x{dims[1]}, expected {size}x{size} (data.image_size); "
-                         f"replace or remove it")
-    # A palette image whose palette is the grey ramp 0..255 is grayscale stored another way.
-    grey = palette is not None and all(palette[i:i + 3] == [i // 3] * 3 for i in range(0, len(palette), 3))
-    if mode != "L" and not grey:
-        raise StageError(f"{shown}: mode {mode}, expected 8-bit single-channel grayscale (L); convert it")
-    return dims
-
-
-def read_checksums(path: Path) -> dict[str, str]:
-    """Read a sha256sum-format list into {file name: hex digest}."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        raise StageError(f"{path}: checksum list not found; restore it from git or fix data.checksums") from None
-    sums = {}
-    for line in filter(str.strip, lines):
-        digest, _, name = line.strip().partition(" ")
-        sums[PurePosixPath(name.lstrip(" *")).name] = digest.lower()
-    return sums
-
-
 def download(cfg: Config, raw_dir: Path = Path("data/raw"), *, cache_dir: Path = Path("data/cache"),
              retry_delays: Sequence[float] = RETRY_DELAYS, read_timeout: float = READ_TIMEOUT,
              max_unpacked_mb: float = MAX_UNPACKED_MB) -> DownloadResult:
@@ -249,7 +180,7 @@ def download(cfg: Config, raw_dir: Path = Path("data/raw"), *, cache_dir: Path =
 def _download(cfg: Config, raw_dir: Path, cache_dir: Path, retry_delays: Sequence[float], read_timeout: float,
               max_bytes: int) -> DownloadResult:
     source, shown_source = cfg.data.source, redact_url(cfg.data.source)
-    path, cached = _source_path(source, cache_dir, retry_delays, read_timeout, max_bytes)
+    path, cached = local_source(source, cache_dir, retry_delays, read_timeout, max_bytes)
     raw_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".raw-tmp-", dir=raw_dir.parent))
     try:
@@ -258,9 +189,9 @@ def _download(cfg: Config, raw_dir: Path, cache_dir: Path, retry_delays: Sequenc
             root, shown_root, place = path, shown_source.rstrip("/") + "/", shutil.copyfile
         else:
             root, shown_root, place = work / "extract", shown_source + ":", os.replace
-            _extract(path, root, max_bytes, cached, shown_source)
+            extract_source(path, root, max_bytes, cached, shown_source)
         entries = sorted(drop_duplicates(scan(root, cfg.data.classes, shown_root)), key=lambda e: e.name)
-        counts = _check_counts(entries, cfg, shown_source)
+        counts = check_counts([e.label for e in entries], cfg.data.classes, cfg.data.expected_per_class, shown_source)
         new = work / "raw"
         (new / IMAGES_SUBDIR).mkdir(parents=True)
         rows = []
@@ -269,7 +200,8 @@ def _download(cfg: Config, raw_dir: Path, cache_dir: Path, retry_delays: Sequenc
             place(e.src, out)
             width, height = check_image(out, e.shown, cfg.data.image_size)
             rows.append((e.name, e.label, sha256_file(out), width, height))
-        verified = _verify_public(rows, entries, ROOT / cfg.data.checksums)
+        verified = verify_public({r[0]: r[2] for r in rows}, {e.name: e.shown for e in entries},
+                                 ROOT / cfg.data.checksums)
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerows([MANIFEST_COLUMNS, *rows])
         manifest = buf.getvalue().encode()
@@ -280,33 +212,6 @@ def _download(cfg: Config, raw_dir: Path, cache_dir: Path, retry_delays: Sequenc
     version = hashlib.sha256(manifest).hexdigest()
     log.info("dataset version %s (sha256 of %s)", version, raw_dir / MANIFEST_NAME)
     return DownloadResult(len(rows), counts, version[:12], verified)
-
-
-def _extract(archive: Path, dest: Path, max_bytes: int, cached: bool, shown_source: str) -> None:
-    """``archive.extract``, naming a cached download by its source; a damaged one leaves the cache."""
-    try:
-        extract(archive, dest, max_bytes)
-    except DamagedArchive as exc:
-        if not cached:
-            raise
-        archive.unlink(missing_ok=True)  # else every later run would fail on the same bad copy
-        raise StageError(f"{shown_source}: the download is unusable ({exc.what}); removed it from {archive.parent}, "
-                         f"the next run downloads it again") from None
-    except StageError as exc:
-        raise StageError(str(exc).replace(str(archive), shown_source) if cached else str(exc)) from None
-
-
-def _verify_public(rows: Sequence[tuple], entries: Sequence[_Entry], checksums: Path) -> bool:
-    """If the names are exactly the public set's, require every sha256 to match; else False."""
-    sums = read_checksums(checksums)
-    if {r[0] for r in rows} != set(sums):
-        log.info("file names differ from %s: a plant's own data, format checked only", checksums)
-        return False
-    for row, e in zip(rows, entries, strict=True):
-        if row[2] != sums[row[0]]:
-            raise StageError(f"{e.shown}: sha256 {row[2][:12]}... does not match the public NEU-CLS list "
-                             f"{checksums}; the file is damaged or modified, get a clean copy")
-    return True
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,10 @@ confusion matrix as ``reports/confusion.json`` (DVC's confusion template) and
 ``reports/confusion.png``, a gallery of every misclassified test image
 (``reports/misclassified.png``), per-image predictions (``reports/predictions.csv``), what each
 review threshold would flag (``reports/review_curve.csv``) and per-corruption accuracy and
-review figures (``reports/robustness.csv``).
+review figures (``reports/robustness.csv``). Where the model finds the defects, scored against
+NEU-DET's boxes (``data/boxes.csv``, from the boxes stage) on the test and validation images:
+``reports/localisation.json``, a summary under ``localisation`` in metrics.json, and
+``reports/locate_gallery.png`` (``neu_model.localisation``).
 
     python -m neu_model.evaluate
 """
@@ -24,12 +27,15 @@ import torch
 from torch import nn
 
 from neu_model import corruptions, provenance, tracking
+from neu_model.boxes import BOXES_FILE
 from neu_model.cli import run_stage
 from neu_model.config import CLASSES, Config, add_config_args, load_config
 from neu_model.data import SPLIT_FILE, ImageSet, load_split, to_float
 from neu_model.figures import confusion_figure, gallery_figure
 from neu_model.files import write_csv, write_json
 from neu_model.inference import MODEL_FILE, MirrorAverage, load_torch_model, predict_logits, select_device
+from neu_model.localisation import GALLERY_FILE, REPORT_FILE, localise, mlflow_metrics, read_box_file
+from neu_model.locate import params_from_dict
 from neu_model.metrics import classification_metrics, review_curve, review_metrics
 from neu_model.predictions import predictions_frame
 from neu_model.register import test_split_id
@@ -76,6 +82,7 @@ def log_evaluation(run: tracking.Run | None, metrics: Mapping[str, Any], reports
         values |= {f"test_{k}_{code}": row[k] for k in ("precision", "recall", "f1")}
     values |= {f"robustness_{k}": v for k, v in metrics.get("robustness", {}).items()}
     values |= {f"review_{k}": v for k, v in metrics.get("review", {}).items()}
+    values |= mlflow_metrics(metrics.get("localisation", {}))
     run.log_metrics(values)
     table = pd.DataFrame([{"class": c} | row for c, row in metrics["per_class"].items()])
     # log_dict, not log_table: log_table appends to an existing file, so re-evaluating the same
@@ -84,21 +91,26 @@ def log_evaluation(run: tracking.Run | None, metrics: Mapping[str, Any], reports
                         "evaluation/per_class.json")
     split_id = test_split_id(split_file, run.record.get("dataset_version", provenance.UNKNOWN))
     run.set_tags({"test_split_id": split_id, "n_test": metrics["n_test"]})
-    for name in ("confusion.png", "misclassified.png"):
+    for name in ("confusion.png", "misclassified.png", GALLERY_FILE):
         run.log_artifact(reports / name, "figures")
-    for name in ("metrics.json", "robustness.csv", "predictions.csv", "review_curve.csv"):
+    for name in ("metrics.json", "robustness.csv", "predictions.csv", "review_curve.csv", REPORT_FILE):
         run.log_artifact(reports / name, "evaluation")
 
 
 def evaluate(cfg: Config, model_file: Path = MODEL_FILE, split_file: Path = SPLIT_FILE,
-             image_dir: Path | None = None, reports: Path = REPORTS) -> dict:
-    """Evaluate on the test part and write every report; returns the metrics dict."""
+             image_dir: Path | None = None, reports: Path = REPORTS, boxes_file: Path | None = None) -> dict:
+    """Evaluate on the test part and write every report; returns the metrics dict.
+
+    ``boxes_file`` is the boxes stage's table (the stage passes ``data/boxes.csv``); None: no
+    boxes, the localisation figures are skipped and say so.
+    """
+    locate_params, boxes = params_from_dict(cfg.locate), read_box_file(boxes_file)  # bad input fails before any work
     run = tracking.open_run(reports / tracking.RUN_FILE.name, model_file)  # checks the store before any work
     device = select_device(cfg.train.device)
-    model, meta = load_torch_model(model_file, device)
-    if cfg.inference.mirror:  # as the registered and exported models run it
-        model = MirrorAverage(model)
-    test = load_split("test", split_file, **({"image_dir": image_dir} if image_dir else {}))
+    net, meta = load_torch_model(model_file, device)
+    model = MirrorAverage(net) if cfg.inference.mirror else net  # as the registered and exported models run it
+    images = {"image_dir": image_dir} if image_dir else {}
+    test = load_split("test", split_file, **images)
     start = time.perf_counter()
     probs = predict_logits(model, test.images, device, cfg.evaluate.batch_size).softmax(1)
     seconds = time.perf_counter() - start
@@ -131,6 +143,8 @@ def evaluate(cfg: Config, model_file: Path = MODEL_FILE, split_file: Path = SPLI
         n_images = len(test) * len(table)
         metrics["review"] |= {"suite_flagged_share": round(table["flagged_share"].mean(), 6),
                               "suite_accepted_error_rate": round(table["accepted_errors"].sum() / n_images, 6)}
+    metrics["localisation"] = localise(net, test, load_split("val", split_file, **images), boxes, locate_params,
+                                       reports)
     write_json(reports / "metrics.json", metrics)
     log_evaluation(run, metrics, reports, split_file)
     return metrics
@@ -140,13 +154,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     parser.add_argument("--model", type=Path, default=MODEL_FILE)
+    parser.add_argument("--boxes", type=Path, default=BOXES_FILE,
+                        help=f"the boxes stage's table (default: {BOXES_FILE})")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
     cfg = load_config(args.params, args.overrides)
-    m = evaluate(cfg, args.model)
+    m = evaluate(cfg, args.model, boxes_file=args.boxes)
     r = m["review"]
     log.info("test accuracy %.4f  macro-F1 %.4f  errors %d (In<->PS %d)  robustness mean %s",
              m["accuracy"], m["macro_f1"], m["errors"], m["in_ps_errors"],

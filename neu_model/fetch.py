@@ -1,4 +1,6 @@
-"""Download one URL to a file: retries for what can pass, one-line errors for what cannot.
+"""Bring a data source onto local disk: a URL is downloaded once into a cache, with retries for
+what can pass and one-line errors for what cannot; a cached download that turns out damaged is
+dropped so the next run fetches it again.
 
 The download stage's only retry layer (an orchestrator must not add its own on top, or one
 unreachable server costs attempts times attempts). Retried: connection errors, resets,
@@ -11,8 +13,10 @@ archive was expected, a file over the size limit. Credentials in the URL are sen
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import logging
+import re
 import socket
 import ssl
 import sys
@@ -22,6 +26,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from neu_model.archive import DamagedArchive, extract
 from neu_model.cli import StageError
 from neu_model.files import atomic_path
 from neu_model.redact import redact_url, split_credentials
@@ -139,3 +144,54 @@ def _refuse_html(first_block: bytes, content_type: str, shown: str) -> None:
 def _too_big(shown: str, how: str, max_bytes: int) -> StageError:
     return StageError(f"{shown}: the download {how} the limit of {max_bytes / 2**20:g} MB (data.max_unpacked_mb); "
                       f"check the URL, or raise the limit")
+
+
+def local_source(source: str, cache_dir: Path, retry_delays: Sequence[float] = RETRY_DELAYS,
+                 read_timeout: float = READ_TIMEOUT, max_bytes: int = MAX_BYTES) -> tuple[Path, bool]:
+    """A local folder or archive for ``source``, and whether it is a cached download.
+
+    Args:
+        source: an http(s) URL of an archive, a local archive or a local folder.
+        cache_dir: where a URL's archive is downloaded, once; later runs reuse that copy.
+        retry_delays: seconds to wait before each retry of the download.
+        read_timeout: seconds the server may stay silent.
+        max_bytes: refuse a download larger than this.
+
+    Raises:
+        StageError: another URL scheme, a path that does not exist, or a failed download.
+    """
+    if re.match(r"^https?://", source, re.IGNORECASE):
+        plain, _ = split_credentials(source)  # a new token for the same file reuses the cached copy
+        low = plain.lower().split("?")[0]
+        ext = next((e for e in (".tar.gz", ".tgz", ".tar", ".zip") if low.endswith(e)), ".archive")
+        cached = cache_dir / (hashlib.sha256(plain.encode()).hexdigest() + ext)
+        if cached.exists():
+            log.info("using cached %s for %s", cached, redact_url(source))
+        else:
+            fetch_url(source, cached, retry_delays, read_timeout, max_bytes)
+        return cached, True
+    if "://" in source:
+        raise StageError(f"{source}: unsupported URL scheme; use http(s)://, a local archive or a folder")
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise StageError(f"{source}: no such file or folder (relative to {Path.cwd()}); "
+                         f"fix data.source in params.yaml or set NEU_DATA_SOURCE")
+    return path, False
+
+
+def extract_source(archive: Path, dest: Path, max_bytes: int, cached: bool, shown_source: str) -> None:
+    """``archive.extract``, naming a cached download by its source; a damaged one leaves the cache.
+
+    Raises:
+        StageError: the archive is unsafe or damaged; a damaged cached download is deleted first.
+    """
+    try:
+        extract(archive, dest, max_bytes)
+    except DamagedArchive as exc:
+        if not cached:
+            raise
+        archive.unlink(missing_ok=True)  # else every later run would fail on the same bad copy
+        raise StageError(f"{shown_source}: the download is unusable ({exc.what}); removed it from {archive.parent}, "
+                         f"the next run downloads it again") from None
+    except StageError as exc:
+        raise StageError(str(exc).replace(str(archive), shown_source) if cached else str(exc)) from None

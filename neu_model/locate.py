@@ -17,6 +17,7 @@ split (``benchmarks/bench_locate.py``). Inference code: no training code, MLflow
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -27,7 +28,7 @@ from torch import nn
 
 from neu_model.boxes import boxes_by_file, greedy_matches, iou_matrix, points_inside
 from neu_model.cam import CAM_KINDS, class_maps
-from neu_model.config import CLASSES
+from neu_model.config import CLASSES, ConfigError
 from neu_model.regions import RegionParams, classical_heat, heat_regions
 
 METHODS = ("whole_image", "classical", "gradcam", "combined")
@@ -67,35 +68,67 @@ def params_from_dict(raw: Mapping) -> LocateParams:
     ``RegionParams`` field (the default of every class) and ``classes: {Cr: {field: value}}``.
 
     Raises:
-        ValueError: an unknown key, class, method or value, named in the message.
+        ConfigError: an unknown key or class, a value of the wrong type or out of range, an
+            unknown method or map kind; one line naming the key and what it may be (a ValueError).
     """
     raw = dict(raw)
-    top = {f.name: raw.pop(f.name) for f in dataclasses.fields(LocateParams)
-           if f.name in raw and f.name not in ("default", "classes")}
     per_class = raw.pop("classes", None) or {}
-    unknown = sorted(set(per_class) - set(CLASSES))
+    unknown = sorted(set(raw) - {*MAP_KEYS, *KNOBS}, key=str)
     if unknown:
-        raise ValueError(f"locate.classes {unknown}: use class codes among {list(CLASSES)}")
+        raise ConfigError(f"params.yaml: unknown key locate.{unknown[0]}; check the spelling; keys under locate: "
+                          f"{', '.join([*MAP_KEYS, *KNOBS, 'classes'])}")
+    if not isinstance(per_class, Mapping) or set(per_class) - set(CLASSES):
+        raise ConfigError(f"params.yaml: locate.classes {per_class!r}: a section per class code among {list(CLASSES)}")
+    base = LocateParams()
+    top = {key: _checked(raw.pop(key), getattr(base, key), f"locate.{key}") for key in MAP_KEYS if key in raw}
     default = _region(raw, RegionParams(), "locate")
     params = LocateParams(**top, default=default,
                           classes={c: _region(v, default, f"locate.classes.{c}") for c, v in per_class.items()})
-    if params.method not in METHODS:
-        raise ValueError(f"locate.method {params.method!r}: choose one of {METHODS}")
-    for key in ("cam_kind", "gradcam_kind"):
-        if getattr(params, key) not in CAM_KINDS:
-            raise ValueError(f"locate.{key} {getattr(params, key)!r}: choose one of {CAM_KINDS}")
+    for key, allowed in (("method", METHODS), ("cam_kind", CAM_KINDS), ("gradcam_kind", CAM_KINDS)):
+        if getattr(params, key) not in allowed:
+            raise ConfigError(f"params.yaml: locate.{key}={getattr(params, key)!r}: choose one of {', '.join(allowed)}")
     return params
 
 
 def _region(values: Mapping, base: RegionParams, where: str) -> RegionParams:
-    known = [f.name for f in dataclasses.fields(RegionParams)]
-    unknown = sorted(set(values) - set(known))
+    """``base`` with the knobs of ``values`` (keys and types checked) changed."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"params.yaml: {where} must be a section of key: value lines, not {values!r}")
+    unknown = sorted(set(values) - set(KNOBS), key=str)
     if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; known: {known}")
-    values = dict(values)
-    if "spread" in values:
-        values["spread"] = tuple(float(s) for s in values["spread"])
-    return dataclasses.replace(base, **values)
+        raise ConfigError(f"params.yaml: unknown key {where}.{unknown[0]}; check the spelling; "
+                          f"keys under {where}: {', '.join(KNOBS)}")
+    changes = {k: _checked(v, getattr(base, k), f"{where}.{k}") for k, v in values.items()}
+    try:
+        return dataclasses.replace(base, **changes)
+    except ValueError as exc:  # RegionParams's own checks: polarity, threshold and keep ranges
+        raise ConfigError(f"params.yaml: {where}: {exc}") from None
+
+
+def _checked(value, like, key: str):
+    """``value`` as the type of the default ``like`` (an int passes as a float, a list as a tuple).
+
+    Raises:
+        ConfigError: naming ``key``, the value and the type expected.
+    """
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if isinstance(like, tuple):
+        if isinstance(value, (list, tuple)) and len(value) == len(like) and all(map(number, value)):
+            return tuple(float(v) for v in value)
+        raise ConfigError(f"params.yaml: {key}={value!r} must be a list of {len(like)} numbers")
+    if isinstance(like, float) and (number(value) or (isinstance(value, str) and _FLOAT.fullmatch(value))):
+        return float(value)  # 1e-3 is a string to PyYAML's YAML 1.1
+    if type(value) is type(like):
+        return value
+    raise ConfigError(f"params.yaml: {key}={value!r} must be {_KINDS[type(like)]}")
+
+
+MAP_KEYS = tuple(f.name for f in dataclasses.fields(LocateParams) if f.name not in ("default", "classes"))
+KNOBS = tuple(f.name for f in dataclasses.fields(RegionParams))  # every class's region knobs
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_KINDS = {int: "an integer", float: "a number", str: "a string"}
 
 
 # Chosen by benchmarks/bench_locate.py --search on the 1,260 train and validation images of the

@@ -27,9 +27,11 @@ from neu_model.config import DATA_SOURCE_ENV, ConfigError
 from neu_model.redact import redact_url
 from neu_model.workspace_lock import HeldLock, workspace_lock
 
-STAGES = ("source", "download", "split", "train", "evaluate", "export", "register")
+STAGES = ("source", "download", "boxes", "split", "train", "evaluate", "export", "register")
 # The source stage's output: rewritten only when there are new images at the source.
 SOURCE_RECORD = Path("data/source.json")
+# The boxes stage's output: rewritten only when the boxes changed (evaluate reruns then).
+BOXES_RECORD = Path("data/boxes.csv")
 # Seconds a stage has to end after SIGTERM (its MLflow run is closed) before SIGKILL.
 STOP_GRACE = 15.0
 
@@ -198,9 +200,16 @@ def repro_source(project: Path, env: dict[str, str], timeout: float | None, log_
     DVC runs this stage every time (``always_changed``), so whether it ran says nothing: the
     file's bytes before and after do.
     """
-    out = Path(project) / SOURCE_RECORD
+    return repro_changed("source", SOURCE_RECORD, project, env, timeout, log_line)
+
+
+def repro_changed(stage: str, record: Path, project: Path, env: dict[str, str], timeout: float | None,
+                  log_line: Log) -> bool:
+    """A stage DVC runs every time (source, boxes) through ``repro``; returns whether it changed
+    its output ``record`` (relative to ``project``)."""
+    out = Path(project) / record
     before = out.read_bytes() if out.exists() else None
-    repro("source", project, env, timeout, log_line)
+    repro(stage, project, env, timeout, log_line)
     return (out.read_bytes() if out.exists() else None) != before
 
 
@@ -250,4 +259,4 @@ def mlflow_run_link(run: dict, ui: str) -> str | None:
 
 
 __all__ = ["STAGES", "SOURCE_RECORD", "StageFailed", "ConfigError", "is_transient", "hold_workspace", "stage_env",
-           "stop_group", "run_logged", "repro", "repro_source", "run_summary", "mlflow_run_link"]
+           "stop_group", "run_logged", "repro", "repro_source", "repro_changed", "run_summary", "mlflow_run_link"]

@@ -1,6 +1,7 @@
 """Classify steel-surface images: one CSV row per 200x200 tile, by the registry's champion or a saved model.
 
     neu-predict IMAGES_FOLDERS_OR_ARCHIVES ... [--out predictions.csv] [--model models/model.pt]
+                [--runtime auto] [--locate] [--overlays DIR] [--map DIR]
     python -m neu_model.predict ...                                   (the same command)
 
 Inputs: image files (.bmp .png .jpg .tif, any bit depth; colour is read as luminance), folders
@@ -12,10 +13,16 @@ The CSV (stdout, or ``--out`` written atomically) has the columns
 ``file,x,y,predicted,confidence,needs_review,p_Cr,p_In,p_Pa,p_PS,p_RS,p_Sc,error``: x, y are the
 tile's top-left pixel; a file that cannot be read gets one row whose ``error`` says why, and
 everything else is still scored. ``needs_review`` is true below ``review.below_confidence``
-(``--review-below``). ``--locate`` adds a ``boxes`` column.
+(``--review-below``).
+
+``--locate`` adds a ``boxes`` column: per tile a JSON list ``[[x0, y0, x1, y1, score], ...]``,
+best first, of where its predicted class's defect is, in the whole image's pixels (x1, y1
+exclusive); the score is the region's summed evidence, comparable between boxes of one method.
+``--overlays DIR`` (implies --locate) writes one PNG per image: heat map, boxes, each tile's
+class. ``--runtime`` chooses what runs the model (see its help).
 
 Exit status: 0 every file scored, 1 some files unreadable (their error rows), 2 a usage error
-(a missing path, a bad option, no model).
+(a missing path, a bad option, an unknown or unavailable runtime, no model).
 """
 
 from __future__ import annotations
@@ -23,10 +30,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import importlib
-import json
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +41,7 @@ from neu_model.cli import StageError, add_review_arg, run_stage
 from neu_model.config import CLASSES, PARAMS_FILE, load_config
 from neu_model.files import atomic_path
 from neu_model.inference import Predictor
-from neu_model.model_source import load_default_predictor, load_predictor, probabilities
+from neu_model.model_source import NO_CHAMPION_FIX, NO_VERSION_FIX, champion_uri, probabilities
 from neu_model.predict_report import ImageReport
 from neu_model.reader import (
     CSV_COLUMNS,
@@ -48,11 +53,7 @@ from neu_model.reader import (
     error_row,
     with_progress,
 )
-
-# The locate hook (neu_model.locate, when this build has it): per batch,
-# locate_tiles(tiles float32 (B, 1, H, W), predicted codes, predictor) -> per tile a sequence of
-# (x0, y0, x1, y1, score) in tile pixels; write_overlays(folder, batch, boxes in image pixels).
-LOCATE_MODULE, LOCATE_FUNCTION, OVERLAY_FUNCTION = "neu_model.locate", "locate_tiles", "write_overlays"
+from neu_model.runtime_choice import RUNTIME_NAMES, LoadedModel, load_model
 
 Scored = tuple[Batch | ReadError, list[dict]]
 
@@ -93,7 +94,7 @@ def score_inputs(inputs: Sequence[Path | str], model: Predictor, review_below: f
 
     Args:
         model: anything with the pyfunc contract: float32 (N, 1, 200, 200) in [0, 1] in,
-            (N, 6) probabilities out (a registry model, ``model_source.load_predictor``'s).
+            (N, 6) probabilities out (a registry model, ``runtime_choice.load_predictor``'s).
         review_below: ``needs_review`` marks the tiles less confident than this.
 
     Returns:
@@ -115,36 +116,6 @@ def summarize(frame: pd.DataFrame, n_least: int = 10) -> dict:
     return {"n": len(frame), "counts": {c: int(counts.get(c, 0)) for c in CLASSES},
             "needs_review": int(frame["needs_review"].sum()), "errors": errors,
             "least_confident": least.to_dict("records")}
-
-
-def locate_hooks(overlays: bool) -> tuple[Callable, Callable | None]:
-    """The locate functions of this build.
-
-    Raises:
-        StageError: neu_model.locate is missing or lacks them (a usage error: exit status 2).
-    """
-    try:
-        module = importlib.import_module(LOCATE_MODULE)
-    except ImportError:
-        module = None
-    locate = getattr(module, LOCATE_FUNCTION, None)
-    overlay = getattr(module, OVERLAY_FUNCTION, None) if overlays else None
-    if locate is None or (overlays and overlay is None):
-        raise StageError(f"--{'overlays' if overlays else 'locate'} is not available in this build")
-    return locate, overlay
-
-
-def add_boxes(batch: Batch, rows: list[dict], model: Predictor, locate: Callable, overlay: Callable | None,
-              overlay_dir: Path | None) -> None:
-    """Fill the ``boxes`` column of ``rows``: JSON ``[[x0, y0, x1, y1, score], ...]`` in image pixels."""
-    found = locate(batch.tiles.numpy(), [r["predicted"] for r in rows], model)
-    in_image = [[[float(x0) + x, float(y0) + y, float(x1) + x, float(y1) + y, round(float(score), 4)]
-                 for x0, y0, x1, y1, score in boxes]
-                for boxes, x, y in zip(found, batch.xs, batch.ys, strict=True)]
-    for row, boxes in zip(rows, in_image, strict=True):
-        row[LOCATE_COLUMN] = json.dumps(boxes)
-    if overlay is not None:
-        overlay(overlay_dir, batch, in_image)
 
 
 @contextlib.contextmanager
@@ -183,46 +154,87 @@ def stride_arg(text: str) -> int:
     return value
 
 
+RUNTIME_HELP = (f"what runs the model: {', '.join(RUNTIME_NAMES)} (default auto). auto: for a models:/ URI the "
+                "fastest on this machine of torch and the runtimes its export kept (timed once per version and "
+                "machine; torch on a GPU; pyfunc for a version registered without exported files); for a .pt "
+                "file torch (the file named is the file run: onnx, openvino, ... use the .onnx files beside it); "
+                "for a .onnx file onnx")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neu-predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", type=Path, help="image files, folders, .zip or .tar(.gz) archives")
     parser.add_argument("--model", help="a models:/ URI, a models/model.pt file or an exported .onnx file "
                                         "(default: models:/<register.model_name>@champion)")
-    parser.add_argument("--runtime", default="auto", help="what runs the model (default auto: its own runtime)")
-    parser.add_argument("--device", default="auto", help="for .pt models: auto, cpu, cuda, mps (default auto)")
+    parser.add_argument("--runtime", default="auto", help=RUNTIME_HELP)
+    parser.add_argument("--device", default="auto", help="for torch: auto, cpu, cuda, mps (default auto)")
     parser.add_argument("--out", type=Path, help="write the CSV here (atomically) instead of stdout")
     parser.add_argument("--stride", type=stride_arg, help=f"pixels between tiles, 1 to {TILE_SIZE} "
                                                           "(default 200)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="tiles per model call (default 64)")
     parser.add_argument("--map", type=Path, metavar="DIR", help="write a strip map PNG here for every image "
                                                                 "larger than one tile")
-    parser.add_argument("--locate", action="store_true", help="add a boxes column: where each tile's defect is")
-    parser.add_argument("--overlays", type=Path, metavar="DIR", help="draw the boxes on the images here "
-                                                                     "(implies --locate)")
+    parser.add_argument("--locate", action="store_true",
+                        help="add a boxes column: where each tile's defect is, for its predicted class (the "
+                             "locate: params, else the built-in defaults; an .onnx model alone gets the classical "
+                             "method)")
+    parser.add_argument("--overlays", type=Path, metavar="DIR",
+                        help="write a PNG per image here: heat map, boxes, each tile's class (implies --locate)")
     parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="params file (default: params.yaml)")
     add_review_arg(parser)
     return parser
 
 
+def open_model(args: argparse.Namespace, cfg) -> LoadedModel:
+    """The model of ``--model`` (default the champion) in ``--runtime``; says on stderr what auto chose."""
+    spec = args.model or champion_uri(params=args.params)
+    mirror = bool(getattr(getattr(cfg, "inference", None), "mirror", False))
+    model = load_model(spec, args.runtime, args.device, mirror, NO_VERSION_FIX if args.model else NO_CHAMPION_FIX)
+    if model.note:
+        print(f"{spec}: {model.note}", file=sys.stderr)
+    return model
+
+
+def check_folders(args: argparse.Namespace) -> None:
+    """--map and --overlays name their PNGs alike: one folder for both would overwrite maps."""
+    if args.map is not None and args.overlays is not None and args.map.resolve() == args.overlays.resolve():
+        raise StageError(f"--map and --overlays both name {args.map}: their PNGs share names; give two folders")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the number of unreadable files."""
     args = get_args_parser().parse_args(argv)
-    locate, overlay = locate_hooks(bool(args.overlays)) if args.locate or args.overlays else (None, None)
+    check_folders(args)
     cfg = load_config(args.params)
     review_below = cfg.review.below_confidence if args.review_below is None else args.review_below
     stream = TileStream(args.inputs, batch_size=args.batch_size, stride=args.stride or TILE_SIZE,
-                        keep_images=args.map is not None)
-    model = load_predictor(args.model, args.runtime, args.device) if args.model else load_default_predictor()
-    columns = [*CSV_COLUMNS, LOCATE_COLUMN] if locate else list(CSV_COLUMNS)
+                        keep_images=args.map is not None or args.overlays is not None)
+    model = open_model(args, cfg)
+    locator = overlays = None
+    if args.locate or args.overlays is not None:
+        # Imported here: scoring alone needs neither the localisation nor the drawing code.
+        from neu_model.predict_locate import TileLocator, locate_batch, locate_params
+
+        locator = TileLocator(model.load_network() if model.load_network else None, locate_params(cfg),
+                              args.batch_size)
+        if locator.note:
+            print(locator.note, file=sys.stderr)
+    if args.overlays is not None:
+        from neu_model.predict_overlays import OverlayWriter
+
+        overlays = OverlayWriter(args.overlays)
+    columns = [*CSV_COLUMNS, LOCATE_COLUMN] if locator else list(CSV_COLUMNS)
     report = ImageReport(args.map)
     with csv_sink(args.out, columns) as sink:
-        for item, rows in scored(with_progress(stream), model, review_below):
-            if locate and isinstance(item, Batch):
-                add_boxes(item, rows, model, locate, overlay, args.overlays)
+        for item, rows in scored(with_progress(stream), model.predictor, review_below):
+            if locator and isinstance(item, Batch):
+                locate_batch(item, rows, locator, overlays)
             report.add(item, rows)
             sink.writerows(rows)
-    report.close(args.out)
+    if overlays is not None:
+        overlays.close()
+    report.close(args.out, overlays.written if overlays else None)
     return report.errors
 
 

@@ -112,8 +112,9 @@ class ImageReport:
             self.say("strip", line)
         self.current, self.tiles = None, []
 
-    def close(self, out: Path | None = None) -> None:
-        """Finish the last image and print the notes' summary and the run's total."""
+    def close(self, out: Path | None = None, overlays: list[Path] | None = None) -> None:
+        """Finish the last image and print the notes' summary and the run's total (naming ``out``
+        and the folder of ``overlays``, the overlay PNGs written)."""
         self.finish()
         for line in self.notes.summary():
             print(line, file=self.out)
@@ -124,6 +125,8 @@ class ImageReport:
                  + (" (error rows)" if self.errors else ""))
         if out is not None:
             total += f"; wrote {out}"
+        if overlays:
+            total += f"; {len(overlays)} overlay{'s' * (len(overlays) != 1)} in {overlays[0].parent}"
         if left_out:
             total += f"; not listed above: {', '.join(left_out)}"
         print(total, file=self.out)

@@ -33,7 +33,7 @@ from neu_model import orchestrate, run_params
 from neu_model.cli import StageError
 
 # The stages a trial runs; register is left out on purpose (see the module docstring).
-TRIAL_STAGES = ("source", "download", "split", "train", "evaluate")
+TRIAL_STAGES = ("source", "download", "boxes", "split", "train", "evaluate")
 FORCED = ("train", "evaluate")  # run even when DVC finds them unchanged: every trial is a training
 PATCH, SOURCE_COPY = "workspace.patch", "source.json"
 Log = Callable[[str], None]

@@ -21,7 +21,8 @@ from tasks.retry import retry_if_transient
 
 # Seconds a stage may take before its process group is killed; Prefect's own timeout is a
 # backstop a minute later (it cannot interrupt a thread blocked on a pipe).
-TIMEOUTS = {"source": 600, "download": 1800, "split": 600, "train": 8 * 3600, "evaluate": 3600, "export": 1800,
+TIMEOUTS = {"source": 600, "download": 1800, "boxes": 600, "split": 600, "train": 8 * 3600, "evaluate": 3600,
+            "export": 1800,
             "register": 900}
 MARGIN = 60
 
@@ -51,6 +52,18 @@ def download(project: str, data_source: str | None = None) -> bool:
     """The download stage; not retried here: the stage retries each request itself (4 attempts,
     1 s, 2 s, 4 s apart), and a task retry on top multiplied the requests to a failing server."""
     return _repro("download", project, data_source)
+
+
+@task(name="boxes", cache_policy=NO_CACHE, timeout_seconds=TIMEOUTS["boxes"] + MARGIN)
+def boxes(project: str, data_source: str | None = None) -> bool:
+    """The boxes stage; returns whether data/boxes.csv changed, since DVC runs this stage every
+    time. Not retried: a URL's download retries each request itself."""
+    logger = get_run_logger()
+    env = orchestrate.stage_env(Path(project), data_source)
+    changed = orchestrate.repro_changed("boxes", orchestrate.BOXES_RECORD, Path(project), env, TIMEOUTS["boxes"],
+                                        logger.info)
+    logger.info("localisation boxes %s", "changed: evaluate will run" if changed else "unchanged")
+    return changed
 
 
 @task(name="split", cache_policy=NO_CACHE, timeout_seconds=TIMEOUTS["split"] + MARGIN)

@@ -14,13 +14,14 @@ import pytest
 import yaml
 
 from neu_model.cli import disable_telemetry
-from neu_model.config import DATA_SOURCE_ENV, ROOT, Config, load_config
+from neu_model.config import BOXES_SOURCE_ENV, DATA_SOURCE_ENV, ROOT, Config, load_config
 
 disable_telemetry()
 os.environ["NEU_PROGRESS"] = "0"
-# CI exports NEU_DATA_SOURCE for `make pipeline`; tests choose their data themselves. Removed at
-# import, not in a function fixture, because session fixtures are built before those run.
+# CI exports NEU_DATA_SOURCE and NEU_BOXES_SOURCE for `make pipeline`; tests choose their data
+# themselves. Removed at import, not in a function fixture, because session fixtures are built before those run.
 os.environ.pop(DATA_SOURCE_ENV, None)
+os.environ.pop(BOXES_SOURCE_ENV, None)
 
 FIXTURE_IMAGES = ROOT / "tests" / "fixtures" / "NEU-tiny"  # 30 real BMPs: 5 a class, Pa_101 == Pa_105
 # One epoch, small batches, no robustness suite: what every fixture-sized run overrides.
@@ -53,6 +54,7 @@ class Workspace:
 @pytest.fixture(autouse=True)
 def _no_env_source(monkeypatch):
     monkeypatch.delenv(DATA_SOURCE_ENV, raising=False)
+    monkeypatch.delenv(BOXES_SOURCE_ENV, raising=False)
 
 
 @pytest.fixture(scope="session", autouse=True)

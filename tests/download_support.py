@@ -1,4 +1,8 @@
-"""Helpers of the download tests: a real HTTP server on 127.0.0.1, configs, snapshots, archives."""
+"""Helpers of the download tests: a real HTTP server on 127.0.0.1, configs, snapshots, archives.
+
+The fixtures ``isolated`` (autouse), ``tiny`` and ``published`` serve the modules that import
+them: pytest finds a fixture among a test module's names.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from neu_model import download as dl
@@ -32,7 +37,8 @@ class Hits(collections.Counter):
         self.auth: list[str | None] = []
 
 
-def isolate(tmp_path: Path, monkeypatch) -> None:
+@pytest.fixture(autouse=True, name="isolated")
+def isolated_work_dir(tmp_path: Path, monkeypatch) -> None:
     """Work in tmp_path, with no data-source override and no proxy for 127.0.0.1."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(DATA_SOURCE_ENV, raising=False)
@@ -131,11 +137,18 @@ def copy_fixture(dest: Path) -> Path:
     return dest
 
 
+@pytest.fixture(name="tiny")
+def tiny_source(tmp_path: Path) -> Path:
+    """A writable copy of the fixture at tmp_path/src, in the flat NEU-CLS layout."""
+    return copy_fixture(tmp_path / "src")
+
+
 def snapshot(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def publish_good(tmp_path: Path) -> dict[str, bytes]:
+@pytest.fixture(name="published")
+def published_raw(tmp_path: Path) -> dict[str, bytes]:
     """A good data/raw published from a separate copy of the fixture; returns its snapshot."""
     good = tmp_path / "good"
     shutil.copytree(FIXTURE, good)

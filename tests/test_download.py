@@ -20,34 +20,11 @@ from neu_model.cli import StageError
 from neu_model.config import DATA_SOURCE_ENV, PARAMS_FILE, ROOT, load_config
 from neu_model.files import sha256_file
 
-from download_support import (
-    FAST,
-    FIXTURE,
-    KAGGLE,
-    assert_unchanged,
-    cfg,
-    copy_fixture,
-    isolate,
-    kaggle_zip,
-    publish_good,
-    serve,
-    snapshot,
-)
+from download_support import FAST, FIXTURE, KAGGLE, assert_unchanged, cfg, kaggle_zip, serve, snapshot
 
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    isolate(tmp_path, monkeypatch)
-
-
-@pytest.fixture
-def tiny(tmp_path) -> Path:
-    return copy_fixture(tmp_path / "src")
-
-
-@pytest.fixture
-def published(tmp_path):
-    return publish_good(tmp_path)
+# isort: split
+# The fixtures isolated (autouse), tiny and published: pytest finds them among this module's names.
+from download_support import isolated_work_dir, published_raw, tiny_source  # noqa: F401
 
 
 def read_manifest() -> list[list[str]]:

@@ -24,35 +24,14 @@ from neu_model import download as dl
 from neu_model.cli import StageError
 from neu_model.config import DATA_SOURCE_ENV, PARAMS_FILE, ROOT
 
-from download_support import (
-    FAST,
-    FIXTURE,
-    KAGGLE,
-    assert_unchanged,
-    cfg,
-    copy_fixture,
-    isolate,
-    publish_good,
-    serve,
-)
+from download_support import FAST, FIXTURE, KAGGLE, assert_unchanged, cfg, serve
+
+# isort: split
+# The fixtures isolated (autouse), tiny and published: pytest finds them among this module's names.
+from download_support import isolated_work_dir, published_raw, tiny_source  # noqa: F401
 
 SECRET = "s3cret-token"
 HTML = b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>Sign in to continue</body></html>\n"
-
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    isolate(tmp_path, monkeypatch)
-
-
-@pytest.fixture
-def tiny(tmp_path) -> Path:
-    return copy_fixture(tmp_path / "src")
-
-
-@pytest.fixture
-def published(tmp_path):
-    return publish_good(tmp_path)
 
 
 def flat_zip(dest: Path, extra=()) -> Path:

@@ -267,7 +267,7 @@ def test_params_from_a_locate_section_inherit_the_default_and_refuse_unknown_key
     params = params_from_dict({"method": "classical", "k": 2.0, "classes": {"Sc": {"polarity": "bright"}}})
     assert params.for_class("Sc").polarity == "bright" and params.for_class("Sc").k == 2.0
     assert params.for_class("Cr") == params.default
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match="unknown key locate.classes.Cr.sigma"):
         params_from_dict({"classes": {"Cr": {"sigma": 3}}})
     with pytest.raises(ValueError, match="method"):
         params_from_dict({"method": "yolo"})

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from neu_model.config import DATA_SOURCE_ENV
+from neu_model.config import BOXES_SOURCE_ENV, DATA_SOURCE_ENV, ROOT
 
 from conftest import FIXTURE_IMAGES, make_project, run_in_project
+
+BOXES = {BOXES_SOURCE_ENV: str(ROOT / "tests" / "fixtures" / "boxes.csv")}  # the fixture images' NEU-DET boxes
 
 pytestmark = pytest.mark.slow
 
@@ -27,11 +29,14 @@ def run(args, cwd, **env):
 
 def test_dvc_repro_runs_every_stage_then_does_nothing(project):
     dvc = str(Path(sys.executable).parent / "dvc")
-    first = run([dvc, "repro"], project)
+    first = run([dvc, "repro"], project, **BOXES)
     assert first.returncode == 0, first.stdout + first.stderr
-    for stage in ("source", "download", "split", "train", "evaluate", "export", "register"):
+    for stage in ("source", "download", "boxes", "split", "train", "evaluate", "export", "register"):
         assert f"Running stage '{stage}'" in first.stdout
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
+    assert metrics["localisation"]["chosen"] == "combined" and metrics["localisation"]["images"] > 0
+    assert json.loads((project / "reports" / "localisation.json").read_text())["test"]["images"] > 0
+    assert (project / "reports" / "locate_gallery.png").exists()
     registration = json.loads((project / "reports" / "registration.json").read_text())
     run_id = json.loads((project / "reports" / "run.json").read_text())["run_id"]
     assert registration["run_id"] == run_id and registration["test_accuracy"] == metrics["accuracy"]
@@ -50,12 +55,14 @@ def test_dvc_repro_runs_every_stage_then_does_nothing(project):
     published = {Path(f.path).name for f in client.list_artifacts(run_id, "exported")}
     assert {"model.pt", "model.onnx", "export.json"} <= published  # the registered version's run has its files
     n_runs = len(client.search_runs([experiment]))
-    again = run([dvc, "repro"], project)
+    again = run([dvc, "repro"], project, **BOXES)
     assert len(client.search_runs([experiment])) == n_runs  # skipped stages create no (empty) run
     assert again.returncode == 0
-    # only the source stage, which runs every time (always_changed) and found nothing new
-    assert [ln for ln in again.stdout.splitlines() if ln.startswith("Running stage")] == ["Running stage 'source':"]
-    assert json.loads(run([dvc, "status", "--json"], project).stdout) == {"source": ["always changed"]}
+    # only the source and boxes stages, which run every time (always_changed) and found nothing new
+    assert [ln for ln in again.stdout.splitlines() if ln.startswith("Running stage")] == [
+        "Running stage 'source':", "Running stage 'boxes':"]
+    assert json.loads(run([dvc, "status", "--json"], project, **BOXES).stdout) == {
+        "source": ["always changed"], "boxes": ["always changed"]}
 
 
 def test_new_image_at_the_source_reruns_the_chain(project, tmp_path):
@@ -69,3 +76,15 @@ def test_new_image_at_the_source_reruns_the_chain(project, tmp_path):
     assert "changed" in changed.stderr
     status = run([str(Path(sys.executable).parent / "dvc"), "status"], project, **env)
     assert "download" in status.stdout
+
+
+def test_boxes_gone_reruns_evaluate_alone_and_skips_the_localisation_figures(project):
+    dvc = str(Path(sys.executable).parent / "dvc")
+    assert run([dvc, "repro"], project, **BOXES).returncode == 0
+    gone = run([dvc, "repro"], project)  # no NEU_BOXES_SOURCE and data.boxes null: no boxes
+    assert gone.returncode == 0, gone.stdout + gone.stderr
+    ran = [ln for ln in gone.stdout.splitlines() if ln.startswith("Running stage")]
+    assert "Running stage 'evaluate':" in ran and "Running stage 'train':" not in ran
+    assert "localisation metrics will be skipped" in gone.stderr
+    metrics = json.loads((project / "reports" / "metrics.json").read_text())
+    assert metrics["localisation"] == {"skipped": "no boxes: set data.boxes or NEU_BOXES_SOURCE"}

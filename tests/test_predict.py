@@ -1,4 +1,7 @@
-"""neu-predict on real fixture images: tiles, bit depths, bad files, archives, maps, exit status, model choice."""
+"""neu-predict on real fixture images: tiles, bit depths, bad files, archives, maps, exit status, model choice.
+
+--locate and --overlays: tests/test_predict_locate.py; --runtime and registry files: tests/test_predict_runtime.py.
+"""
 
 from __future__ import annotations
 
@@ -16,9 +19,9 @@ import pytest
 from PIL import Image
 
 from neu_model.config import CLASSES, ROOT, load_config
-from neu_model.model_source import load_predictor
 from neu_model.predict import cli, score_inputs, summarize
 from neu_model.reader import CSV_COLUMNS
+from neu_model.runtime_choice import load_predictor
 
 from conftest import FIXTURE_IMAGES
 
@@ -163,8 +166,6 @@ def test_usage_errors_exit_2_with_one_line(tiny_model, tmp_path, capsys):
     with pytest.raises(SystemExit) as usage:
         cli([str(FIXTURE_IMAGES), "--review-below", "70"])
     assert usage.value.code == 2 and "'70' is not a confidence in [0, 1]" in capsys.readouterr().err
-    assert cli(["--model", str(tiny_model), str(FIXTURE_IMAGES), "--locate"]) == 2
-    assert capsys.readouterr() == ("", "error: --locate is not available in this build\n")
 
 
 def test_default_champion_without_a_store_says_how_to_get_a_model(tmp_path, monkeypatch, capsys):
@@ -174,25 +175,3 @@ def test_default_champion_without_a_store_says_how_to_get_a_model(tmp_path, monk
     assert err.startswith("error: models:/neu-defect-classifier@champion: no MLflow store")
     assert "make pipeline" in err and "--model models/model.pt" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "none").exists()  # no empty store was created
-
-
-def test_exported_model_is_refused_until_its_runtime_is_wired(tmp_path, capsys):
-    (tmp_path / "model.onnx").write_bytes(b"onnx")
-    assert cli(["--model", str(tmp_path / "model.onnx"), str(FIXTURE_IMAGES)]) == 2
-    assert "model.onnx: exported models are not supported by neu-predict yet" in capsys.readouterr().err
-
-
-def test_locate_hook_fills_the_boxes_column(tiny_model, tmp_path, capsys, monkeypatch):
-    """The seam neu_model.locate plugs into: boxes come back in image pixels, one JSON list per tile."""
-    import types
-
-    hook = types.ModuleType("neu_model.locate")
-    hook.locate_tiles = lambda tiles, predicted, model: [[(10, 20, 50, 60, 0.9)] for _ in predicted]
-    monkeypatch.setitem(sys.modules, "neu_model.locate", hook)
-    status, frame, _ = predict(capsys, tiny_model, mosaic(tmp_path / "strip.png"), "--locate")
-    assert status == 0 and list(frame.columns) == [*CSV_COLUMNS, "boxes"]
-    assert frame["boxes"].iloc[-1] == "[[410.0, 220.0, 450.0, 260.0, 0.9]]"  # the tile at (400, 200)
-    assert cli(["--model", str(tiny_model), "--overlays", str(tmp_path), str(FIXTURE_IMAGES)]) == 2
-    assert "--overlays is not available in this build" in capsys.readouterr().err
-
-

@@ -8,10 +8,7 @@ re-evaluation on a changed split runs the real registry model.
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -27,10 +24,12 @@ from neu_model.cli import StageError
 from neu_model.data import load_split, to_float
 from neu_model.evaluate import evaluate
 from neu_model.inference import load_torch_model, predict_logits
+from neu_model.pgserver import free_port
 from neu_model.register import decide, format_listing, listing, main, register
 from neu_model.split import split
 
 from conftest import tiny_config
+from server_support import running_server
 
 
 @pytest.fixture(scope="module")
@@ -222,28 +221,13 @@ def test_history_command_and_champion_for_a_plain_client(evaluated, tiny_data, t
 
 @pytest.mark.slow
 def test_served_champion_answers_invocations(evaluated, tiny_data, tiny_model, tmp_path, name, run_register):
-    import socket
-
     run_register(name, candidate(evaluated, tmp_path, 0.96, tiny_data.split), tiny_data, tiny_model)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     bin_dir = str(Path(sys.executable).parent)  # serve runs `uvicorn` from PATH
     env = os.environ | {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    mlflow_bin = str(Path(bin_dir) / "mlflow")
-    server = subprocess.Popen([mlflow_bin, "models", "serve", "-m", f"models:/{name}@champion", "--env-manager",
-                               "local", "-h", "127.0.0.1", "-p", str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).close()
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read().decode()[-2000:]
-                assert time.monotonic() < deadline, "server did not start"
-                time.sleep(1)
+    cmd = [str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", f"models:/{name}@champion", "--env-manager",
+           "local", "-h", "127.0.0.1", "-p", str(port)]
+    with running_server(cmd, f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log", 180, env=env):
         x = to_float(load_split("test", tiny_data.split, tiny_data.images).images[:4]).numpy()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
                                          json.dumps({"inputs": x.tolist()}).encode(),
@@ -253,6 +237,3 @@ def test_served_champion_answers_invocations(evaluated, tiny_data, tiny_model, t
         local = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(x)
         assert served.shape == (4, 6)
         np.testing.assert_allclose(served, local, atol=1e-5)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server's own process group: uvicorn and its workers
-        server.wait(timeout=30)

@@ -11,12 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +26,7 @@ from neu_model.cli import StageError
 from neu_model.config import CLASSES, ROOT
 
 from conftest import FIXTURE_IMAGES, make_project, run_in_project
+from server_support import running_server
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -58,44 +55,19 @@ def postgres_dir():
             shutil.rmtree(root, ignore_errors=True)
 
 
-def wait_for_health(url: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"make mlflow-server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as answer:
-                if answer.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    pytest.fail(f"the MLflow server did not answer within {STARTUP_SECONDS} s:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def server(postgres_dir, tmp_path_factory):
     """``make mlflow-server`` on the throwaway cluster; yields (URL, artifact folder)."""
     work = tmp_path_factory.mktemp("mlflow-server")
-    artifacts, log = work / "artifacts", work / "server.log"
+    artifacts = work / "artifacts"
     port = pgserver.free_port()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_BACKEND_STORE_URI"}  # the local cluster, not a real one
     venv = Path(sys.prefix)
     cmd = ["make", "--no-print-directory", "-o", f"{venv}/.installed", "mlflow-server", f"VENV={venv}",
            f"PG_DIR={postgres_dir}", f"MLFLOW_PORT={port}", f"MLFLOW_ARTIFACTS={artifacts}", "MLFLOW_WORKERS=1"]
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_health(url, proc, log)
+    with running_server(cmd, f"{url}/health", work / "server.log", STARTUP_SECONDS, cwd=ROOT, env=env):
         yield url, artifacts
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # make, mlflow and uvicorn share the session's group
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="module")

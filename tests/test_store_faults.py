@@ -5,50 +5,31 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from neu_model.config import ROOT
+from neu_model.pgserver import free_port
 
 from conftest import TINY
-from kill_support import Watched, kill_tree
+from kill_support import Watched
+from server_support import running_server
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real MLflow server on 127.0.0.1 (SQLite store); yields its URL and process."""
     port = free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1", "--backend-store-uri",
-                             f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "artifacts")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=5).close()
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
-    yield url, proc
-    os.killpg(proc.pid, signal.SIGCONT)
-    kill_tree(proc.pid)
-    proc.wait()
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+           "--artifacts-destination", str(tmp_path / "artifacts")]
+    with running_server(cmd, f"{url}/health", tmp_path / "server.log", 600) as proc:  # 2 busy cores: slow
+        yield url, proc
 
 
 def test_mlflow_server_gone_mid_training_is_one_line_and_the_rerun_resumes(tiny_data, tmp_path, mlflow_server):

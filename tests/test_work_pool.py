@@ -11,16 +11,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from neu_model.orchestrate import stop_group
+from neu_model.pgserver import free_port
+
 from conftest import FIXTURE_IMAGES, make_project, run_in_project
+from server_support import running_server
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -30,28 +32,9 @@ PREFECT = str(Path(sys.executable).parent / "prefect")
 STARTUP_SECONDS = 240  # a Prefect server's first start (database migrations) on 2 busy cores
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def api_get(api: str, path: str) -> dict:
     with urllib.request.urlopen(f"{api}{path}", timeout=30) as answer:
         return json.loads(answer.read())
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    """End ``proc`` and everything it started (its own session)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -62,27 +45,11 @@ def prefect_env(tmp_path_factory) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {
         "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
         "DO_NOT_TRACK": "1"}
-    log = home / "server.log"
-    with log.open("w") as out:  # cwd: no prefect.toml there to override PREFECT_HOME's defaults
-        server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], cwd=home,
-                                  env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     api = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"prefect server start exited with {server.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if api_get(api, "/health") is True:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the Prefect server did not answer within {STARTUP_SECONDS} s:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
+    # cwd: no prefect.toml there to override PREFECT_HOME's defaults
+    with running_server([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], f"{api}/health",
+                        home / "server.log", STARTUP_SECONDS, cwd=home, env=env):
         yield env | {"PREFECT_API_URL": api}
-    finally:
-        stop_group(server)
 
 
 def test_a_worker_runs_the_training_deployment_from_the_pool(prefect_env, tmp_path):

@@ -9,17 +9,17 @@ may be. The resolved config (``to_dict``) is saved with every checkpoint and mod
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import re
 import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from neu_model.schema import ConfigError, build, plain
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS_FILE = ROOT / "params.yaml"
@@ -42,10 +42,6 @@ ARCH_KWARGS: dict[str, tuple[str, ...]] = {
     "defectnet_res": ("widths", "dropout", "stem", "standardize", "detrend", "standardize_scale",
                       "global_pool", "stem_conv"),
 }
-
-
-class ConfigError(ValueError):
-    """A params file or an override that cannot be used; the message says how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -162,19 +158,7 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain data (saved in checkpoints, logged as params)."""
-        return _plain(self)
-
-
-def _plain(value: Any) -> Any:
-    """Dataclasses and mappings as dicts, tuples as lists: what YAML, JSON and ``torch.save``
-    with ``weights_only`` loading take."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+        return plain(self)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -202,60 +186,6 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     return raw
 
 
-# What a wrong value is told it should be: by key, else by field type.
-EXPECTED = {"data.expected_per_class": 'an integer or "any"', int: "an integer",
-            float: "a number (e.g. 0.001 or 1.0e-3)", str: "a string", bool: "true or false"}
-
-
-def _typed(value: Any, hint: Any, key: str) -> Any:
-    """``value`` checked against the field type ``hint`` (dataclasses do not check); an int passes as a float.
-
-    Raises:
-        ConfigError: one line naming ``key``, the value and the type expected.
-    """
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key)
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        hint = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is tuple and isinstance(value, (list, tuple)):
-        return tuple(_typed(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-    if origin is Mapping and isinstance(value, Mapping):
-        return {k: _typed(v, args[1], _join(key, k)) for k, v in value.items()}
-    # 1e-3 is a float to YAML 1.2 (what DVC's -S writes) but a string to PyYAML's YAML 1.1.
-    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool)) or bool(
-              isinstance(v, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", v)),
-          str: lambda v: isinstance(v, str), bool: lambda v: isinstance(v, bool), Any: lambda v: True}
-    if hint in ok and ok[hint](value):
-        return float(value) if hint is float and isinstance(value, str) else value
-    expected = EXPECTED.get(key) or EXPECTED.get(hint) or ("a list" if origin is tuple else "a section")
-    raise ConfigError(f"params.yaml: {key}={value!r} must be {expected}")
-
-
-def _build(cls: type, raw: Any, key: str) -> Any:
-    """Dataclass ``cls`` from the mapping ``raw`` at ``key``: no unknown, no missing keys, typed values."""
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"params.yaml: {key or 'the file'} must be a section of key: value lines, not {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for name in raw:
-        if name not in fields:
-            raise ConfigError(f"params.yaml: unknown key {_join(key, name)}; check the spelling; keys "
-                              f"{'under ' + key if key else 'at the top'}: {', '.join(fields)}")
-    for name, f in fields.items():
-        if name not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"params.yaml: {_join(key, name)} is missing; compare with the params.yaml in git")
-    hints = typing.get_type_hints(cls)
-    return cls(**{name: _typed(value, hints[name], _join(key, name)) for name, value in raw.items()})
-
-
-def _join(key: str, name: Any) -> str:
-    return f"{key}.{name}" if key else str(name)
-
-
 def from_dict(raw: Mapping[str, Any]) -> Config:
     """Build and validate a Config from the params mapping.
 
@@ -266,7 +196,7 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
     data = raw.get("data")
     if isinstance(data, Mapping) and data.get("expected_per_class") == "any":
         raw = {**raw, "data": {**data, "expected_per_class": None}}
-    cfg = _build(Config, raw, "")
+    cfg = build(Config, raw, "")
     if cfg.train.model not in cfg.train.recipes:
         raise ConfigError(f"train.model={cfg.train.model!r} has no recipe under train.recipes; "
                           f"choose one of {sorted(cfg.train.recipes)}")
@@ -292,7 +222,7 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
     if not (ex.tolerance > 0 and min(ex.max_accuracy_images, ex.max_robustness_points) >= 0
             and min(ex.calibration_images, ex.batch_size) >= 1):
         raise ConfigError(f"export: tolerance must be > 0, max_accuracy_images and max_robustness_points >= 0, "
-                          f"calibration_images and batch_size >= 1; got {_plain(ex)}")
+                          f"calibration_images and batch_size >= 1; got {plain(ex)}")
     return cfg
 
 

@@ -68,7 +68,12 @@ def trained_before(model_file: Path, cfg) -> dict | None:
         return None
     saved = torch.load(model_file, map_location="cpu", weights_only=True)
     # Only what training reads: evaluation and inference settings may differ between reuses.
-    same = all(saved.get("config", {}).get(k) == cfg.to_dict()[k] for k in ("seed", "data", "split", "train"))
+    # data.boxes only scores localisation: a model trained before it existed is the same model.
+    def training_part(config: dict) -> dict:
+        return {k: ({n: v for n, v in config.get(k, {}).items() if n != "boxes"} if k == "data" else config.get(k))
+                for k in ("seed", "data", "split", "train")}
+
+    same = training_part(saved.get("config", {})) == training_part(cfg.to_dict())
     return saved.get("summary") if same else None
 
 

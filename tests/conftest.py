@@ -172,3 +172,21 @@ def die_in_epoch(monkeypatch, epoch: int):
 
     monkeypatch.setattr(train_mod, "train_one_epoch", dies)
     return lambda: monkeypatch.setattr(train_mod, "train_one_epoch", real_epoch)
+
+
+@pytest.fixture(scope="session")
+def plain_params(tmp_path_factory) -> Path:
+    """The repository's params.yaml with mirror averaging off: for tests comparing ``neu-predict``
+    on a saved ``.pt`` model with a plain (unmirrored) network or ONNX file."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["inference"]["mirror"] = False
+    path = tmp_path_factory.mktemp("plain-params") / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def without_mirror(plain_params, monkeypatch) -> Path:
+    """``neu-predict``'s default params file is ``plain_params`` for this test."""
+    monkeypatch.setattr("neu_model.predict.PARAMS_FILE", plain_params)
+    return plain_params

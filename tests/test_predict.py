@@ -25,6 +25,9 @@ from neu_model.runtime_choice import load_predictor
 
 from conftest import FIXTURE_IMAGES
 
+# The saved tiny model is compared with its plain network and ONNX file: mirror averaging off.
+pytestmark = pytest.mark.usefixtures("without_mirror")
+
 PROBS = [f"p_{c}" for c in CLASSES]
 GRID = [["Cr_1", "In_1", "Pa_1"], ["PS_1", "RS_1", "Sc_1"]]  # the 3x2 mosaic, row by row
 

@@ -29,6 +29,9 @@ from neu_model.runtime_choice import load_model
 
 from conftest import FIXTURE_IMAGES
 
+# The saved tiny model is compared with its plain network and ONNX file: mirror averaging off.
+pytestmark = pytest.mark.usefixtures("without_mirror")
+
 MODEL_NAME = "predict-runtime-test"
 PROBS = [f"p_{c}" for c in CLASSES]
 IMAGES = [FIXTURE_IMAGES / f"{n}.bmp" for n in ("Cr_1", "In_2", "Pa_3", "PS_4", "RS_5", "Sc_1")]

@@ -68,7 +68,7 @@ def run_register(tiny_export):
     """The register stage on a pass's reports, publishing the tiny model's exported files."""
 
     def run(name, reports, ws, model_file, split_file=None, *overrides):
-        cfg = tiny_config(f"register.model_name={name}", *overrides)
+        cfg = tiny_config(f"register.model_name={name}", "inference.mirror=false", *overrides)  # as tiny_export
         return register(cfg, reports / "run.json", reports / "metrics.json", split_file or ws.split, ws.images,
                         model_file, reports / "registration.json", tiny_export / "export.json", tiny_export)
 

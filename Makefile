@@ -42,10 +42,10 @@ install: $(STAMP)
 
 # One run at a time per workspace: pipeline and retrain hold the workspace lock (a second one is
 # refused, naming the first; WAIT=1 waits for it), and serve's runs take it themselves.
-# pipeline first undoes params.yaml overrides that a killed flow run left (neu_model/run_params.py).
-LOCKED := $(PY) -m neu_model.workspace_lock run$(if $(WAIT), --wait) --
+# pipeline first undoes params.yaml overrides that a killed flow run left (neu_model/ops/run_params.py).
+LOCKED := $(PY) -m neu_model.ops.workspace_lock run$(if $(WAIT), --wait) --
 pipeline: $(STAMP)
-	$(LOCKED) $(SHELL) -c '$(PY) -m neu_model.run_params restore && $(BIN)/dvc repro'
+	$(LOCKED) $(SHELL) -c '$(PY) -m neu_model.ops.run_params restore && $(BIN)/dvc repro'
 	$(BIN)/dvc metrics show
 
 # Prefect: no server needed (a temporary one starts), or PREFECT_API_URL's; state in .prefect/ (prefect.toml).
@@ -84,12 +84,12 @@ ui: $(STAMP)
 		--host 127.0.0.1 --port $(UI_PORT)
 
 registry: $(STAMP)
-	$(PY) -m neu_model.register --history
+	$(PY) -m neu_model.registry.register --history
 
 # Shared MLflow server (docs/scale-out.md): PostgreSQL backend store, artifacts proxied by the
 # server (clients need no access to the artifact store). The database is MLFLOW_BACKEND_STORE_URI
 # when set (postgresql://user@host:5432/mlflow; the password in PGPASSFILE), else a project-local
-# PostgreSQL in $(PG_DIR), started on 127.0.0.1 (python -m neu_model.pgserver start|stop|status).
+# PostgreSQL in $(PG_DIR), started on 127.0.0.1 (python -m neu_model.ops.pgserver start|stop|status).
 # MLflow's job runner (GenAI scorers, unused here: six processes) stays off unless asked for.
 # Clients: MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT) make pipeline
 HOST ?= 127.0.0.1
@@ -99,7 +99,7 @@ MLFLOW_ARTIFACTS ?= $(CURDIR)/mlartifacts
 PG_DIR ?= $(CURDIR)/.pg
 mlflow-server: $(STAMP)
 	@if [ -n "$${MLFLOW_BACKEND_STORE_URI:-}" ]; then backend="$$MLFLOW_BACKEND_STORE_URI"; \
-	else backend="$$($(PY) -m neu_model.pgserver start --dir "$(PG_DIR)")" || exit 1; \
+	else backend="$$($(PY) -m neu_model.ops.pgserver start --dir "$(PG_DIR)")" || exit 1; \
 		export PGPASSFILE="$(PG_DIR)/pgpass"; fi; \
 	export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="$${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"; \
 	echo "MLflow server on http://$(HOST):$(MLFLOW_PORT), artifacts in $(MLFLOW_ARTIFACTS)"; \

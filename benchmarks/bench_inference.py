@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from neu_model.core import paths
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -67,8 +69,8 @@ def load_predictor(variant: str, work: Path, mirror: bool, options: dict, thread
     ``threads`` threads (0: each runtime's default, one per physical core)."""
     import torch
 
-    from neu_model import runtimes
-    from neu_model.inference import load_torch_model, probability_model
+    from neu_model.inference import runtimes
+    from neu_model.inference.torch_model import TorchPredictor, load_torch_model
 
     if threads:
         torch.set_num_threads(threads)
@@ -76,7 +78,7 @@ def load_predictor(variant: str, work: Path, mirror: bool, options: dict, thread
     models = work / ("mirror" if mirror else "plain")
     if variant.startswith("torch"):
         network = load_torch_model(work / "model.pt")[0]
-        predictor = runtimes.TorchPredictor(probability_model(network, mirror))
+        predictor = TorchPredictor(network, mirror=mirror)
         if variant == "torch-compile":
             # dynamic=True: one graph for every batch size (the last batch of a pass is smaller).
             predictor.model = torch.compile(predictor.model, dynamic=True)
@@ -121,11 +123,12 @@ def peak_rss_mib() -> int:
 def worker(args: argparse.Namespace) -> None:
     """One case in this process: predictions, speed, latency and peak RSS as JSON on stdout."""
     variant, mirror, options = case_spec(args.worker)
-    from neu_model import runtimes
+
+    from neu_model.inference.predictors import predict_batched
 
     images = np.load(args.workdir / "images.npy")
     predictor = load_predictor(variant, args.workdir, mirror, options, args.threads)
-    probs = runtimes.predict_all(predictor, images, 64)
+    probs = predict_batched(predictor.predict, images, 64)
     np.save(args.workdir / f"probs-{args.worker}.npy", probs)
     result = {"case": args.worker}
     for batch_size in args.batches:
@@ -149,10 +152,10 @@ def prepare(args: argparse.Namespace, work: Path) -> np.ndarray:
     """Test images and labels as .npy, the model and its ONNX exports in ``work``; returns the labels."""
     import shutil
 
-    from neu_model import export, onnx_graphs, runtimes
-    from neu_model.config import load_config
-    from neu_model.data import load_split, to_float
-    from neu_model.inference import load_torch_model, probability_model
+    from neu_model.core.config import load_config
+    from neu_model.data.dataset import load_split, to_float
+    from neu_model.inference import export, onnx_graphs
+    from neu_model.inference.torch_model import load_torch_model, probability_model
 
     test = load_split("test", args.split, args.images)
     np.save(work / "images.npy", to_float(test.images).numpy())
@@ -161,8 +164,8 @@ def prepare(args: argparse.Namespace, work: Path) -> np.ndarray:
     for mirror in (False, True) if args.mirror else (False,):
         folder = work / ("mirror" if mirror else "plain")
         net = onnx_graphs.native_pooling(load_torch_model(args.model)[0])
-        onnx_graphs.export_onnx(probability_model(net, mirror), folder / runtimes.ONNX_FILE)
-        onnx_graphs.quantize_int8(folder / runtimes.ONNX_FILE, folder / runtimes.INT8_FILE, calibration)
+        onnx_graphs.export_onnx(probability_model(net, mirror), folder / paths.ONNX_FILE)
+        onnx_graphs.quantize_int8(folder / paths.ONNX_FILE, folder / paths.INT8_FILE, calibration)
     return test.labels.numpy()
 
 

@@ -6,7 +6,7 @@ validation and test images, beside the calibration figures measured before this 
     python benchmarks/bench_locate.py ... --search            # choose the knobs again, then score them
     python benchmarks/bench_locate.py ... --gallery reports/locate_gallery.png
 
-Without ``--search`` the knobs are ``neu_model.locate.DEFAULT_LOCATE``; ``--search`` chooses them
+Without ``--search`` the knobs are ``neu_model.localisation.methods.DEFAULT_LOCATE``; ``--search`` chooses them
 again (``benchmarks/locate_search.py``) on the choosing images (``--choose-on``: the train and
 validation parts by default, or the validation part alone) and prints them as a params.yaml
 ``locate:`` section. Boxes never train anything: they only score the candidate knobs. The test
@@ -29,11 +29,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from neu_model.boxes import read_boxes  # noqa: E402
-from neu_model.config import CLASSES  # noqa: E402
-from neu_model.data import load_split  # noqa: E402
-from neu_model.inference import load_torch_model  # noqa: E402
-from neu_model.locate import DEFAULT_LOCATE, METHODS, localisation_report  # noqa: E402
+from neu_model.core.config import CLASSES  # noqa: E402
+from neu_model.data.dataset import load_split  # noqa: E402
+from neu_model.data.neu_det import read_boxes  # noqa: E402
+from neu_model.inference.torch_model import load_torch_model  # noqa: E402
+from neu_model.localisation.methods import DEFAULT_LOCATE, METHODS, localisation_report  # noqa: E402
 
 # Measured before this work on the 540 test images of the seed-0 split (boxes of the image's class).
 CALIBRATION = {
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     args.boxes_table = read_boxes(args.boxes)
     model, _ = load_torch_model(args.model)
-    params, rule = DEFAULT_LOCATE, "neu_model.locate.DEFAULT_LOCATE (chosen earlier by --search on train+val)"
+    params, rule = DEFAULT_LOCATE, "neu_model.localisation.methods.DEFAULT_LOCATE (chosen earlier by --search on train+val)"
     if args.search:
         from locate_search import search
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         print(frame.to_markdown(index=False))
         print()
     if args.gallery:
-        from neu_model.overlays import locate_gallery
+        from neu_model.localisation.gallery import locate_gallery
 
         test = load_split("test", args.split, args.images)
         shown = locate_gallery(model, test.images, test.labels, test.files, args.boxes_table, args.gallery, params)

@@ -37,10 +37,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from neu_model.cli import default_tracking_uri  # noqa: E402
-from neu_model.config import add_config_args, load_config  # noqa: E402
-from neu_model.inference import fuse_batchnorm, memory_format  # noqa: E402
-from neu_model.model import MODELS, build_model, count_macs, count_params  # noqa: E402
+from neu_model.core.config import add_config_args, load_config  # noqa: E402
+from neu_model.core.store import default_tracking_uri  # noqa: E402
+from neu_model.inference.torch_model import fuse_batchnorm, memory_format  # noqa: E402
+from neu_model.model.networks import MODELS, build_model, count_macs, count_params  # noqa: E402
 
 
 def inference_speed(name: str, batch_size: int, arch: dict, repeats: int = 7, size: int = 200) -> float:
@@ -80,9 +80,9 @@ def trained_before(model_file: Path, cfg) -> dict | None:
 def run_one(name: str, seed: int, epochs: int | None, work: Path, image_dir: Path, manifest: Path,
             params: Path, threads: int, robustness: bool = True, extra: list[str] | None = None,
             reuse: bool = False, mirror_eval: bool = False) -> dict:
-    from neu_model.evaluate import evaluate
-    from neu_model.split import split_frame
-    from neu_model.train import train
+    from neu_model.data.split import split_frame
+    from neu_model.evaluation.evaluate import evaluate
+    from neu_model.training.train import train
 
     overrides = [f"train.model={name}", f"seed={seed}", "train.device=cpu", f"train.num_threads={threads}",
                  f"evaluate.robustness={str(robustness).lower()}"]
@@ -120,7 +120,7 @@ def run_one(name: str, seed: int, epochs: int | None, work: Path, image_dir: Pat
         mirror_cfg = load_config(params, [*overrides, *(extra or []), "inference.mirror=true"])
         # Scored apart from the training's MLflow run (no run.json there): the figures go into the
         # table only, and the tracking module's note that nothing is logged is expected here.
-        tracking_log = logging.getLogger("neu_model.tracking")
+        tracking_log = logging.getLogger("neu_model.registry.tracking")
         level = tracking_log.level
         tracking_log.setLevel(logging.ERROR)
         try:

@@ -6,7 +6,7 @@
 
 The ``--n`` images are hard links to the ``--images`` folder's, cycled, in a temporary folder (no
 extra disk, nothing written in the repository). The command runs as a child process,
-``python -m neu_model.predict FOLDER --model MODEL --out CSV``, exactly as on the line; its peak
+``python -m neu_model.inference.predict FOLDER --model MODEL --out CSV``, exactly as on the line; its peak
 RSS is the child's (``getrusage(RUSAGE_CHILDREN)``), its speed the images over its whole wall
 time: start-up, decoding, the model, the CSV. The model's own speed is ``predict_logits`` on
 the distinct images preloaded as one tensor, same batch size, in this process. Not part of the
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from neu_model.data import decode_gray
-from neu_model.inference import load_torch_model, predict_logits, select_device
-from neu_model.inputs import walk_images
+from neu_model.data.dataset import decode_gray
+from neu_model.inference.input_files import walk_images
+from neu_model.inference.torch_model import load_torch_model, predict_logits, select_device
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,7 +49,7 @@ def link_images(images: Path, n: int, work: Path) -> Path:
 
 def run_command(folder: Path, model: Path, batch_size: int, out: Path) -> dict:
     """The command on ``folder``, as a child: exit status, wall seconds, rows and its peak RSS (MB)."""
-    cmd = [sys.executable, "-m", "neu_model.predict", str(folder), "--model", str(model), "--device", "cpu",
+    cmd = [sys.executable, "-m", "neu_model.inference.predict", str(folder), "--model", str(model), "--device", "cpu",
            "--batch-size", str(batch_size), "--out", str(out)]
     env = os.environ | {"PYTHONPATH": str(ROOT), "NEU_PROGRESS": "0"}
     start = time.perf_counter()

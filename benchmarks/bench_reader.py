@@ -26,8 +26,8 @@ import time
 import zipfile
 from pathlib import Path
 
-from neu_model.inputs import walk_images
-from neu_model.reader import Batch, TileStream, with_progress
+from neu_model.inference.input_files import walk_images
+from neu_model.inference.tiles import Batch, TileStream, with_progress
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -47,9 +47,9 @@ echo "== 2. host synchronisations in 2 epochs of training on CUDA"
 import collections, math, warnings
 from pathlib import Path
 import torch
-import neu_model.train as T
-from neu_model.config import load_config
-from neu_model.data import SPLIT_FILE, read_split
+import neu_model.training.train as T
+from neu_model.core.config import load_config
+from neu_model.data.dataset import SPLIT_FILE, read_split
 
 real_epoch, seen = T.train_one_epoch, collections.Counter()
 def counted_epoch(*args, **kwargs):
@@ -74,8 +74,8 @@ EOF
 cat "$OUT/syncs.txt"
 
 echo "== 3. the default training (60 epochs) and evaluation on CUDA"
-"$PYTHON" -m neu_model.train --set train.device=cuda > "$OUT/train.log" 2>&1 || { failed=1; tail -5 "$OUT/train.log"; }
-"$PYTHON" -m neu_model.evaluate --set train.device=cuda > "$OUT/evaluate.log" 2>&1 || { failed=1; tail -5 "$OUT/evaluate.log"; }
+"$PYTHON" -m neu_model.training.train --set train.device=cuda > "$OUT/train.log" 2>&1 || { failed=1; tail -5 "$OUT/train.log"; }
+"$PYTHON" -m neu_model.evaluation.evaluate --set train.device=cuda > "$OUT/evaluate.log" 2>&1 || { failed=1; tail -5 "$OUT/evaluate.log"; }
 cp -r reports "$OUT/reports" 2>/dev/null
 "$PYTHON" - "$ROOT/reports" "$WORK/reports" "$(cat "$OUT/gpu.txt")" <<'EOF' | tee "$OUT/summary.txt"
 import json, sys
@@ -111,9 +111,9 @@ EOF
 if [ "${DDP_CPU_CHECK:-0}" = 1 ]; then
     echo "== 4. the default training on 2 CPU processes (torchrun, gloo)"
     threads=$(( $(nproc) / 2 ))
-    "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node=2 -m neu_model.train --set train.device=cpu \
+    "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node=2 -m neu_model.training.train --set train.device=cpu \
         --set train.num_threads=$threads > "$OUT/train_ddp_cpu.log" 2>&1 || { failed=1; tail -5 "$OUT/train_ddp_cpu.log"; }
-    "$PYTHON" -m neu_model.evaluate --set train.device=cpu > "$OUT/evaluate_ddp_cpu.log" 2>&1 || failed=1
+    "$PYTHON" -m neu_model.evaluation.evaluate --set train.device=cpu > "$OUT/evaluate_ddp_cpu.log" 2>&1 || failed=1
     echo "2 CPU processes: $(cat reports/train_metrics.json | tr -d '\n ')" | tee -a "$OUT/summary.txt"
     echo "  test accuracy: $("$PYTHON" -c 'import json; print(json.load(open("reports/metrics.json"))["accuracy"])')" \
         | tee -a "$OUT/summary.txt"

@@ -1,4 +1,4 @@
-"""The search behind ``neu_model.locate.DEFAULT_LOCATE``: knobs chosen by their box figures on the
+"""The search behind ``neu_model.localisation.methods.DEFAULT_LOCATE``: knobs chosen by their box figures on the
 choosing images (the train and validation parts, or validation alone), never on the test part.
 
 The rule, each step scored on the images of the class the knobs belong to:
@@ -27,12 +27,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from neu_model.boxes import boxes_by_file, iou_matrix, points_inside, prefix_matches
-from neu_model.cam import class_maps
-from neu_model.config import CLASSES
-from neu_model.data import ImageSet, load_split
-from neu_model.locate import LocateParams, localisation_report
-from neu_model.regions import RegionParams, deviations, evidence, heat_regions, spread_map
+from neu_model.core.config import CLASSES
+from neu_model.data.dataset import ImageSet, load_split
+from neu_model.localisation.cam import class_maps
+from neu_model.localisation.geometry import boxes_by_file, iou_matrix, points_inside, prefix_matches
+from neu_model.localisation.methods import LocateParams, localisation_report
+from neu_model.localisation.regions import RegionParams, deviations, evidence, heat_regions, spread_map
 
 POLARITIES = {"Cr": ("dark",), "In": ("dark",), "Pa": ("dark",), "PS": ("dark", "both"), "RS": ("dark",),
               "Sc": ("bright", "both")}  # the shadows each defect casts (bright: scratches catch the light)

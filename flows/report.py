@@ -1,15 +1,15 @@
 """The text of the flows' Prefect artifacts: plain functions of the run summary, easy to test.
 
 Artifacts are stored by the Prefect server and shown to anyone with access to it, so the
-credentials of any URL in them are masked (``neu_model.redact``).
+credentials of any URL in them are masked (``neu_model.core.redact``).
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from neu_model.config import CLASS_NAMES, CLASSES
-from neu_model.redact import redact_url
+from neu_model.core.config import CLASS_NAMES, CLASSES
+from neu_model.core.redact import redact_url
 
 
 def _pct(value: Any) -> str:

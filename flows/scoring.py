@@ -22,9 +22,11 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.report import scoring_markdown
 from flows.runners import dask_runner, workers_report_here
-from neu_model.cli import add_review_arg, disable_telemetry, review_threshold, tracking_uri
-from neu_model.model_source import champion_uri
-from neu_model.sweep import expand_inputs, merge_shards, shard
+from neu_model.core.stage import disable_telemetry
+from neu_model.core.store import tracking_uri
+from neu_model.inference.predict import add_review_arg, review_threshold
+from neu_model.inference.registry_files import champion_uri
+from neu_model.ops.sweep import expand_inputs, merge_shards, shard
 from tasks.scoring import load_champion, pin_model_version, score_images, score_shard, write_scores
 
 ROOT = Path(__file__).resolve().parent.parent

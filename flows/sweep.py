@@ -26,10 +26,11 @@ from prefect.futures import wait
 
 from flows.runners import dask_runner, threads_per_trial, workers_report_here
 from flows.sweep_report import sweep_markdown, table_rows
-from neu_model import orchestrate, sweep_mlflow, sweep_workspace
-from neu_model.cli import StageError, disable_telemetry, tracking_uri
-from neu_model.config import ConfigError, load_config
-from neu_model.sweep import Sweep, choose_best, load_sweep, table, trial_row, with_seed_means
+from neu_model.core.config import ConfigError, load_config
+from neu_model.core.stage import StageError, disable_telemetry
+from neu_model.core.store import tracking_uri
+from neu_model.ops import orchestrate, sweep_mlflow, sweep_workspace
+from neu_model.ops.sweep import Sweep, choose_best, load_sweep, table, trial_row, with_seed_means
 from tasks import sweep as sweep_tasks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +46,7 @@ def sweep_flow(sweep_file: str, project: str | None = None, data_source: str | N
     """Run every trial of ``sweep_file`` on the flow's task runner; report the table and the best trial.
 
     Args:
-        sweep_file: the sweep (``grid``, ``set``, ``select``; see ``neu_model.sweep``).
+        sweep_file: the sweep (``grid``, ``set``, ``select``; see ``neu_model.ops.sweep``).
         project: the checkout the trials start from; default the one holding this file.
         data_source: folder, archive or URL of the images (NEU_DATA_SOURCE for the stages).
         select: the figure the best trial is chosen by, instead of the file's (``val_acc_%``...).

@@ -7,7 +7,7 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
-from neu_model.sweep import Sweep
+from neu_model.ops.sweep import Sweep
 
 # What the best trial's line shows beside the figure it was chosen by: the test part's figures.
 TEST_FIGURES = ("test_acc_%", "macro_f1_%", "errors", "in_ps_err", "robust_%", "review_%", "accepted_err")

@@ -11,7 +11,7 @@ state in .prefect/); with it, runs report there.
 The flow holds the order, retries, schedule, concurrency and artifacts; the stages
 themselves are ``dvc.yaml``'s, run by the tasks in ``tasks/stages.py``. A run holds the
 workspace lock throughout (another run is refused, naming it, or waited for with ``--wait``)
-and leaves params.yaml as it found it (``neu_model.run_params``).
+and leaves params.yaml as it found it (``neu_model.ops.run_params``).
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from prefect.settings import get_current_settings
 from prefect.tasks import exponential_backoff
 
 from flows.report import per_class_rows, training_markdown
-from neu_model import orchestrate, run_params
-from neu_model.cli import disable_telemetry
-from neu_model.config import DATA_SOURCE_ENV, ConfigError
-from neu_model.redact import install_log_redaction, redact_url
+from neu_model.core.config import DATA_SOURCE_ENV, ConfigError
+from neu_model.core.redact import install_log_redaction, redact_url
+from neu_model.core.stage import disable_telemetry
+from neu_model.ops import orchestrate, run_params
 from tasks import stages
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,8 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from neu_model.cli import StageError, run_stage
-from neu_model.files import atomic_path
+from neu_model.core.files import atomic_path
+from neu_model.core.stage import StageError, run_stage
 
 PLOTS_DIR = Path(__file__).resolve().parent
 VENDOR_DIR = PLOTS_DIR / "vendor"

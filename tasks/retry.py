@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from neu_model import orchestrate
+from neu_model.ops import orchestrate
 
 
 def retry_if_transient(task, task_run, state) -> bool:

@@ -8,11 +8,11 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from neu_model import sweep
-from neu_model.files import write_csv
-from neu_model.inputs import NoImagesError
-from neu_model.model_source import load_pyfunc_model
-from neu_model.predict import rows_frame, score_inputs, summarize
+from neu_model.core.files import write_csv
+from neu_model.inference.input_files import NoImagesError
+from neu_model.inference.predict import rows_frame, score_inputs, summarize
+from neu_model.inference.registry_files import load_pyfunc_model
+from neu_model.ops import sweep
 from tasks.retry import retry_if_transient
 
 

@@ -1,10 +1,10 @@
 """Prefect tasks for the training flow: one per DVC stage, plus the steps around them.
 
-Each stage task runs ``dvc repro --single-item <stage>`` (see ``neu_model.orchestrate``), so
+Each stage task runs ``dvc repro --single-item <stage>`` (see ``neu_model.ops.orchestrate``), so
 DVC, not Prefect, decides what changed: caching is off (Prefect would key on the argument
 values, which are the same when the images changed). A task returns whether DVC ran its
 stage. Retries go where a second attempt can succeed and nothing retries already: the model
-registry. The download stage retries each request itself (``neu_model.fetch``), so its task
+registry. The download stage retries each request itself (``neu_model.data.fetch``), so its task
 is not retried on top; split, train and evaluate fail the same way again on the same inputs.
 """
 
@@ -16,7 +16,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from neu_model import orchestrate
+from neu_model.core import paths
+from neu_model.ops import orchestrate
 from tasks.retry import retry_if_transient
 
 # Seconds a stage may take before its process group is killed; Prefect's own timeout is a
@@ -60,7 +61,7 @@ def boxes(project: str, data_source: str | None = None) -> bool:
     time. Not retried: a URL's download retries each request itself."""
     logger = get_run_logger()
     env = orchestrate.stage_env(Path(project), data_source)
-    changed = orchestrate.repro_changed("boxes", orchestrate.BOXES_RECORD, Path(project), env, TIMEOUTS["boxes"],
+    changed = orchestrate.repro_changed("boxes", paths.BOXES_FILE, Path(project), env, TIMEOUTS["boxes"],
                                         logger.info)
     logger.info("localisation boxes %s", "changed: evaluate will run" if changed else "unchanged")
     return changed

@@ -1,6 +1,6 @@
 """Prefect tasks for sweeps: capture the baseline, the MLflow parent run, one trial, the closing log.
 
-A trial runs in a Dask worker process in a workspace of its own (``neu_model.sweep_workspace``):
+A trial runs in a Dask worker process in a workspace of its own (``neu_model.ops.sweep_workspace``):
 a shared clone of the project, its stages up to evaluate run through DVC there, its MLflow
 training run nested under the sweep's parent. Caching is off, as for the stage tasks: DVC
 decides what changed. Trials are not retried: the same params fail the same way again.
@@ -15,7 +15,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from neu_model import orchestrate, sweep_mlflow, sweep_workspace
+from neu_model.ops import orchestrate, sweep_mlflow, sweep_workspace
 from tasks.retry import retry_if_transient
 from tasks.stages import TIMEOUTS
 
@@ -50,7 +50,7 @@ def run_trial(trial: dict, baseline: dict, workdir: str, store: str, parent_id: 
     """Train and evaluate one trial in its own workspace; returns what its reports say.
 
     Args:
-        trial: ``name``, ``overrides`` (key=value) of a ``neu_model.sweep.Trial``.
+        trial: ``name``, ``overrides`` (key=value) of a ``neu_model.ops.sweep.Trial``.
         baseline: ``sweep_workspace.Baseline`` as a dict.
         workdir: the folder the trial's workspace goes into (``<workdir>/<trial name>``).
         store: the MLflow tracking URI every trial logs to.

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from neu_model.cli import disable_telemetry
-from neu_model.config import BOXES_SOURCE_ENV, DATA_SOURCE_ENV, ROOT, Config, load_config
+from neu_model.core.config import BOXES_SOURCE_ENV, DATA_SOURCE_ENV, Config, load_config
+from neu_model.core.paths import ROOT
+from neu_model.core.stage import disable_telemetry
 
 disable_telemetry()
 os.environ["NEU_PROGRESS"] = "0"
@@ -77,8 +78,8 @@ def mlflow_store(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Workspace:
     """The fixture images downloaded and split, as the first two stages leave them."""
-    from neu_model.download import download
-    from neu_model.split import split
+    from neu_model.data.download import download
+    from neu_model.data.split import split
 
     root = tmp_path_factory.mktemp("tiny")
     cfg = tiny_config()
@@ -90,7 +91,7 @@ def tiny_data(tmp_path_factory) -> Workspace:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_data, tmp_path_factory) -> Path:
     """A defectnet trained one epoch on the fixture; returns models/model.pt."""
-    from neu_model.train import train
+    from neu_model.training.train import train
 
     out = tmp_path_factory.mktemp("model")
     train(tiny_config(), tiny_data.split, tiny_data.images, out / "model.pt", out / "checkpoint.pt",
@@ -112,7 +113,7 @@ def documented_onnx_client() -> dict:
 def export_model(model: Path, data: Workspace, out: Path, *options: str) -> Path:
     """The export stage on ``model`` over ``data``'s split; returns ``out``, which then holds
     model.onnx, model.int8.onnx and export.json."""
-    from neu_model.export import main
+    from neu_model.inference.export import main
 
     main(["--model", str(model), "--split", str(data.split), "--images", str(data.images), "--out-dir", str(out),
           "--report", str(out / "export.json"), *options])
@@ -160,7 +161,7 @@ def run_in_project(args, cwd: Path, **env: str) -> subprocess.CompletedProcess:
 
 def die_in_epoch(monkeypatch, epoch: int):
     """Make training raise KeyboardInterrupt (a kill) when ``epoch`` (1-based) starts; returns the undo."""
-    import neu_model.train as train_mod
+    import neu_model.training.train as train_mod
 
     real_epoch, calls = train_mod.train_one_epoch, []
 
@@ -188,5 +189,5 @@ def plain_params(tmp_path_factory) -> Path:
 @pytest.fixture
 def without_mirror(plain_params, monkeypatch) -> Path:
     """``neu-predict``'s default params file is ``plain_params`` for this test."""
-    monkeypatch.setattr("neu_model.predict.PARAMS_FILE", plain_params)
+    monkeypatch.setattr("neu_model.inference.predict.PARAMS_FILE", plain_params)
     return plain_params

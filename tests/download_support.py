@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from neu_model import download as dl
-from neu_model.config import DATA_SOURCE_ENV, PARAMS_FILE, ROOT, load_config
+from neu_model.core.config import DATA_SOURCE_ENV, load_config
+from neu_model.core.paths import PARAMS_FILE, ROOT
+from neu_model.data import download as dl
 
 FIXTURE = ROOT / "tests" / "fixtures" / "NEU-tiny"
 FAST = (0.01, 0.01, 0.01)  # retry delays: keep the tests fast

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from neu_model.config import ROOT
+from neu_model.core.paths import ROOT
 
 PACKAGE = "neu_model"
 PACKAGE_DIR = ROOT / PACKAGE

@@ -1,7 +1,7 @@
 """Real processes to kill at chosen moments: output watched line by line, the whole tree killed.
 
 A moment is chosen by a line the process prints (``NEU_PAUSE_AT=<point>`` makes a stage print
-``NEU_PAUSE_AT reached: <point>`` and wait there, see ``neu_model.files.pause_point``) or by a
+``NEU_PAUSE_AT reached: <point>`` and wait there, see ``neu_model.core.files.pause_point``) or by a
 file the test polls for, never by a sleep.
 """
 
@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import psutil
 
-from neu_model.files import PAUSE_ENV
+from neu_model.core.files import PAUSE_ENV
 
 from conftest import FIXTURE_IMAGES
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from neu_model.orchestrate import stop_group
+from neu_model.ops.orchestrate import stop_group
 
 
 @contextlib.contextmanager

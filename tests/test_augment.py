@@ -5,14 +5,14 @@ import importlib.util
 import pytest
 import torch
 
-from neu_model.augment import AUGMENTS, augment, gather_views
-from neu_model.data import load_images, to_float
+from neu_model.data.dataset import load_images, to_float
+from neu_model.training.augment import AUGMENTS, augment, gather_views
 
 from conftest import FIXTURE_IMAGES
 
 
 def _reference():
-    """neu_model/augment.py as it was before the GPU path (a frozen copy in tests/fixtures)."""
+    """neu_model/training/augment.py as it was before the GPU path (a frozen copy in tests/fixtures)."""
     spec = importlib.util.spec_from_file_location("augment_cpu_reference",
                                                   FIXTURE_IMAGES.parent / "augment_cpu_reference.py")
     module = importlib.util.module_from_spec(spec)

@@ -9,7 +9,7 @@ import sys
 import pandas as pd
 import pytest
 
-from neu_model.config import ROOT
+from neu_model.core.paths import ROOT
 
 pytestmark = pytest.mark.slow  # one 1-epoch training on the fixture and a few evaluations
 

@@ -9,14 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from neu_model.config import (
-    DATA_SOURCE_ENV,
-    ROOT,
-    ConfigError,
-    from_dict,
-    load_config,
-    load_raw,
-)
+from neu_model.core.config import DATA_SOURCE_ENV, ConfigError, from_dict, load_config, load_raw
+from neu_model.core.paths import ROOT
 
 from conftest import make_project, run_in_project
 
@@ -152,7 +146,7 @@ def test_numbers_as_yaml_1_2_writes_them_are_taken():
                                          "spelling; keys there: epochs, batch_size"),
     ("train.recipes.defectnet.epochs=abc", "train.recipes.defectnet.epochs='abc' must be an integer")])
 def test_a_stage_refuses_a_bad_override_before_any_work(tmp_path, override, named):
-    result = subprocess.run([sys.executable, "-m", "neu_model.train", "--set", override], cwd=tmp_path,
+    result = subprocess.run([sys.executable, "-m", "neu_model.training.train", "--set", override], cwd=tmp_path,
                             capture_output=True, text=True, timeout=600, env=os.environ | {"PYTHONPATH": str(ROOT)})
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and named in result.stderr
     assert list(tmp_path.iterdir()) == []  # no model, no checkpoint, no report

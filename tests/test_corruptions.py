@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from neu_model import corruptions
-from neu_model.augment import augment
+from neu_model.data import corruptions
+from neu_model.training.augment import augment
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_unknown_augment():
 def test_geometric_is_a_symmetry_of_a_reflect_padded_crop():
     import torch.nn.functional as F
 
-    from neu_model.augment import geometric
+    from neu_model.training.augment import geometric
 
     x = torch.rand(6, 1, 12, 12, generator=torch.Generator().manual_seed(3))
     pad = 3
@@ -53,7 +53,7 @@ def test_geometric_is_a_symmetry_of_a_reflect_padded_crop():
 
 
 def test_robust_one_leaves_a_share_of_the_batch_clean(images):
-    from neu_model.augment import photometric_one
+    from neu_model.training.augment import photometric_one
 
     x = torch.rand(400, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     out = photometric_one(x, torch.Generator().manual_seed(0), p=0.75)
@@ -64,7 +64,7 @@ def test_robust_one_leaves_a_share_of_the_batch_clean(images):
 
 @pytest.mark.parametrize("turn_probability", [0.0, 0.2, 1.0])
 def test_turn_probability_sets_the_share_of_images_turned_90_degrees(turn_probability):
-    from neu_model.augment import geometric
+    from neu_model.training.augment import geometric
 
     x = torch.rand(400, 1, 6, 6, generator=torch.Generator().manual_seed(2))
     out = geometric(x, torch.Generator().manual_seed(0), pad=0, turn_probability=turn_probability)
@@ -78,7 +78,7 @@ def test_turn_probability_sets_the_share_of_images_turned_90_degrees(turn_probab
 
 
 def test_roll_marks_darken_a_few_whole_columns_of_a_share_of_the_batch():
-    from neu_model.augment import roll_marks
+    from neu_model.training.augment import roll_marks
 
     x = torch.full((400, 1, 40, 50), 0.8)
     out = roll_marks(x, torch.Generator().manual_seed(0), p=0.3)

@@ -28,11 +28,11 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from neu_model.cli import StageError
-from neu_model.config import load_config
-from neu_model.distributed import Context, prepare, rank_device, rank_loss, shard
-from neu_model.model import build_model
-from neu_model.train import epoch_order, train
+from neu_model.core.config import load_config
+from neu_model.core.stage import StageError
+from neu_model.model.networks import build_model
+from neu_model.training.distributed import Context, prepare, rank_device, rank_loss, shard
+from neu_model.training.train import epoch_order, train
 
 from conftest import make_project, run_in_project, tiny_config
 
@@ -100,7 +100,7 @@ def test_without_batch_norm_and_dropout_two_ranks_take_the_single_process_steps(
     # while rank 1 computes a zero-weighted stand-in; seed_cnn's recipe has no augmentation.
     overrides = ["train.model=seed_cnn", "train.recipes.seed_cnn.epochs=2", "train.recipes.seed_cnn.batch_size=17"]
     project = _project(tmp_path / "project", tiny_data, *overrides)
-    result = run_in_project([*TORCHRUN, "-m", "neu_model.train"], project)
+    result = run_in_project([*TORCHRUN, "-m", "neu_model.training.train"], project)
     assert result.returncode == 0, result.stderr[-3000:]
     single = _single(tiny_data, tmp_path / "single", *overrides)
 
@@ -130,7 +130,7 @@ def test_two_ranks_train_one_model_in_one_mlflow_run_and_rank_1_writes_nothing(t
     shutil.copytree(tiny_data.root / "data", other / "data")
     before = _files(other)
     script = ('if [ "$RANK" != 0 ]; then cd "$RANK1_DIR"; export MLFLOW_TRACKING_URI="sqlite:///$RANK1_DIR/none/x.db"; '
-              'fi; exec python -m neu_model.train "$@"')
+              'fi; exec python -m neu_model.training.train "$@"')
     result = run_in_project([*TORCHRUN, "--no-python", "bash", "-c", script, "train"], project,
                             RANK1_DIR=str(other), PYTHONDONTWRITEBYTECODE="1")
     assert result.returncode == 0, result.stderr[-3000:]

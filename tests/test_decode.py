@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from neu_model.decode import ImageError, decode
+from neu_model.inference.decode import ImageError, decode
 
 from conftest import FIXTURE_IMAGES
 

@@ -15,15 +15,17 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from neu_model import download as dl
-from neu_model.cli import StageError
-from neu_model.config import DATA_SOURCE_ENV, PARAMS_FILE, ROOT, load_config
-from neu_model.files import sha256_file
+from neu_model.core.config import DATA_SOURCE_ENV, load_config
+from neu_model.core.files import sha256_file
+from neu_model.core.stage import StageError
+from neu_model.data import download as dl
 
 from download_support import FAST, FIXTURE, KAGGLE, assert_unchanged, cfg, kaggle_zip, serve, snapshot
 
 # isort: split
 # The fixtures isolated (autouse), tiny and published: pytest finds them among this module's names.
+from neu_model.core.paths import PARAMS_FILE, ROOT
+
 from download_support import isolated_work_dir, published_raw, tiny_source  # noqa: F401
 
 
@@ -255,7 +257,7 @@ def test_cli_bad_input_prints_one_error_line(tiny, tmp_path):
     (tiny / "In_2.bmp").write_text("this is not an image\n")
     env = {**os.environ, DATA_SOURCE_ENV: str(tiny), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "neu_model.download", "--params", str(PARAMS_FILE),
+        [sys.executable, "-m", "neu_model.data.download", "--params", str(PARAMS_FILE),
          "--set", "data.expected_per_class=any"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
     )

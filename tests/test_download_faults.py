@@ -19,15 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from neu_model import archive
-from neu_model import download as dl
-from neu_model.cli import StageError
-from neu_model.config import DATA_SOURCE_ENV, PARAMS_FILE, ROOT
+from neu_model.core.config import DATA_SOURCE_ENV
+from neu_model.core.stage import StageError
+from neu_model.data import archive
+from neu_model.data import download as dl
 
 from download_support import FAST, FIXTURE, KAGGLE, assert_unchanged, cfg, serve
 
 # isort: split
 # The fixtures isolated (autouse), tiny and published: pytest finds them among this module's names.
+from neu_model.core.paths import PARAMS_FILE, ROOT
+
 from download_support import isolated_work_dir, published_raw, tiny_source  # noqa: F401
 
 SECRET = "s3cret-token"
@@ -152,7 +154,7 @@ def test_credentials_are_not_sent_on_after_a_redirect(tmp_path):
 
 def run_stage_cli(tmp_path: Path, source: str) -> subprocess.CompletedProcess:
     env = {**os.environ, DATA_SOURCE_ENV: source, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "neu_model.download", "--params", str(PARAMS_FILE),
+    return subprocess.run([sys.executable, "-m", "neu_model.data.download", "--params", str(PARAMS_FILE),
                            "--set", "data.expected_per_class=any"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
 

@@ -11,7 +11,7 @@ import re
 import pytest
 import yaml
 
-from neu_model.config import ROOT
+from neu_model.core.paths import ROOT
 
 from import_graph import closure, graph, modules
 

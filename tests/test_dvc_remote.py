@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from neu_model.config import ROOT
+from neu_model.core.paths import ROOT
 
 from conftest import make_project, run_in_project
 

@@ -5,9 +5,9 @@ import json
 import pandas as pd
 import torch
 
-from neu_model import corruptions
-from neu_model.evaluate import CURVE_THRESHOLDS, evaluate
-from neu_model.metrics import classification_metrics, review_curve, review_metrics
+from neu_model.data import corruptions
+from neu_model.evaluation.evaluate import CURVE_THRESHOLDS, evaluate
+from neu_model.evaluation.metrics import classification_metrics, review_curve, review_metrics
 
 from conftest import tiny_config
 

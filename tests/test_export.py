@@ -11,13 +11,14 @@ import pandas as pd
 import pytest
 import torch
 
-from neu_model import export, onnx_graphs, runtimes
-from neu_model.cli import StageError
-from neu_model.config import CLASSES, ROOT, load_config
-from neu_model.data import load_images, to_float
-from neu_model.files import sha256_file
-from neu_model.inference import probability_model
-from neu_model.model import build_model, fuse_batchnorm
+from neu_model.core.config import CLASSES, load_config
+from neu_model.core.files import sha256_file
+from neu_model.core.paths import ROOT
+from neu_model.core.stage import StageError
+from neu_model.data.dataset import load_images, to_float
+from neu_model.inference import export, onnx_graphs, runtimes
+from neu_model.inference.torch_model import TorchPredictor, probability_model
+from neu_model.model.networks import build_model, fuse_batchnorm
 
 from conftest import FIXTURE_IMAGES, documented_onnx_client
 
@@ -60,7 +61,7 @@ def exported(tmp_path_factory) -> dict[str, Path]:
 
 
 def torch_probs(x: np.ndarray, mirror: bool = False) -> np.ndarray:
-    return runtimes.TorchPredictor(probability_model(seeded_net(), mirror)).predict(x)
+    return TorchPredictor(seeded_net(), mirror=mirror).predict(x)
 
 
 def test_native_pooling_gives_the_same_numbers():
@@ -174,20 +175,20 @@ def test_fastest_passing_falls_back_to_torch(tmp_path, exported):
 
 
 def test_runtimes_load_no_training_tracking_or_runtime_packages():
-    code = ("import sys, neu_model.runtimes; print(sorted(m for m in ('onnxruntime', 'openvino', 'mlflow', "
-            "'matplotlib', 'neu_model.train', 'neu_model.tracking') if m in sys.modules))")
+    code = ("import sys, neu_model.inference.runtimes; print(sorted(m for m in ('onnxruntime', 'openvino', 'mlflow', "
+            "'matplotlib', 'neu_model.training.train', 'neu_model.registry.tracking') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
 
 
 def test_missing_files_are_one_line_errors(tmp_path):
     with pytest.raises(StageError, match="model.onnx: not exported; run the export stage"):
-        runtimes.load_predictor("onnx", tmp_path)
+        runtimes.variant_predictor("onnx", tmp_path)
     with pytest.raises(StageError, match="unknown runtime 'tensorrt'"):
-        runtimes.load_predictor("tensorrt", tmp_path)
+        runtimes.variant_predictor("tensorrt", tmp_path)
     # The test images exist, so the missing model is what fails.
     (tmp_path / "split.csv").write_text(f"file,label,split\n{FILES[0].name},{FILES[0].name[:2]},test\n")
-    bad = subprocess.run([sys.executable, "-m", "neu_model.export", "--model", str(tmp_path / "model.pt"),
+    bad = subprocess.run([sys.executable, "-m", "neu_model.inference.export", "--model", str(tmp_path / "model.pt"),
                           "--split", str(tmp_path / "split.csv"), "--images", str(FIXTURE_IMAGES)], check=False,
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [

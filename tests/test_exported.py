@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from neu_model import exported
-from neu_model import register as gate
-from neu_model.cli import StageError
-from neu_model.config import CLASSES
-from neu_model.data import load_split, to_float
-from neu_model.files import sha256_file
-from neu_model.register import register
+from neu_model.core.config import CLASSES
+from neu_model.core.files import sha256_file
+from neu_model.core.stage import StageError
+from neu_model.data.dataset import load_split, to_float
+from neu_model.registry import export_artifacts as exported
+from neu_model.registry import register as gate
+from neu_model.registry.register import register
 
 from conftest import documented_onnx_client, export_model, tiny_config
 

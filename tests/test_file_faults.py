@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from neu_model import files
-from neu_model.cli import StageError
-from neu_model.config import ROOT
+from neu_model.core import files
+from neu_model.core.paths import ROOT
+from neu_model.core.stage import StageError
 
 from conftest import FIXTURE_IMAGES, tiny_config
 
@@ -39,28 +39,28 @@ def test_unreadable_model_is_one_line_naming_it(tiny_model, tmp_path, kind):
         foreign(bad)
     else:
         bad.write_bytes(b"")
-    result = subprocess.run([sys.executable, "-m", "neu_model.predict", str(FIXTURE_IMAGES / "Cr_1.bmp"),
+    result = subprocess.run([sys.executable, "-m", "neu_model.inference.predict", str(FIXTURE_IMAGES / "Cr_1.bmp"),
                              "--model", str(bad)], capture_output=True, text=True, timeout=600,
                             env=os.environ | {"PYTHONPATH": str(ROOT)})
     assert result.returncode == 2 and "Traceback" not in result.stderr
     error = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
-    assert error == [f"error: {bad}: not a model saved by neu_model.train (unreadable: cut short, or not written "
+    assert error == [f"error: {bad}: not a model saved by neu_model.training.train (unreadable: cut short, or not written "
                      f"by torch.save); retrain it"]
 
 
 @pytest.mark.parametrize("kind", ["truncated", "foreign"])
 def test_unreadable_checkpoint_is_a_note_and_training_starts_afresh(tiny_data, tiny_model, tmp_path, kind, caplog):
-    from neu_model.train import train
+    from neu_model.training.train import train
 
     checkpoint = tmp_path / "checkpoint.pt"
     if kind == "truncated":
         truncated(tiny_model.with_name("checkpoint.pt"), checkpoint)
     else:
         foreign(checkpoint)
-    with caplog.at_level("WARNING", logger="neu_model.train"):
+    with caplog.at_level("WARNING", logger="neu_model.training.train"):
         summary = train(tiny_config(), tiny_data.split, tiny_data.images, tmp_path / "model.pt", checkpoint,
                         tmp_path / "log.csv", tmp_path / "metrics.json", tiny_data.raw / "manifest.csv")
-    assert [r.getMessage() for r in caplog.records if r.name == "neu_model.train" and r.levelname == "WARNING"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "neu_model.training.train" and r.levelname == "WARNING"] == [
         f"{checkpoint} is unreadable: cut short, or not written by torch.save: training starts afresh"]
     assert summary["epochs"] == 1
     assert torch.load(checkpoint, weights_only=True)["state"]["epoch"] == 1  # replaced by a good one
@@ -86,7 +86,7 @@ def test_full_disk_during_a_checkpoint_write_names_the_file_and_leaves_no_tempor
 
 
 def test_full_disk_stops_training_with_that_line_and_no_temporary(tiny_data, tmp_path, monkeypatch):
-    from neu_model.train import train
+    from neu_model.training.train import train
 
     def disk_full(obj, buf: io.BytesIO):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from neu_model.files import atomic_path, replace_dir, write_text
+from neu_model.core.files import atomic_path, replace_dir, write_text
 
 
 def test_failed_write_keeps_the_previous_file(tmp_path):

@@ -27,10 +27,10 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from neu_model import orchestrate
-from neu_model.config import CLASSES, DATA_SOURCE_ENV, load_config
-from neu_model.download import RETRY_DELAYS
-from neu_model.reader import CSV_COLUMNS
+from neu_model.core.config import CLASSES, DATA_SOURCE_ENV, load_config
+from neu_model.data.download import RETRY_DELAYS
+from neu_model.inference.tiles import CSV_COLUMNS
+from neu_model.ops import orchestrate
 
 from conftest import FIXTURE_IMAGES, make_project
 
@@ -283,7 +283,7 @@ class Uniform:
 
 
 def test_score_reads_folders_and_archives(tmp_path):
-    from neu_model.predict import score_inputs, summarize
+    from neu_model.inference.predict import score_inputs, summarize
 
     archive = tmp_path / "b.zip"
     archive.write_bytes(fixture_zip())

@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
-from neu_model.config import ROOT
+from neu_model.core.paths import ROOT
 
 from import_graph import cycles, graph
 
 # What a process that only classifies images must not load: training code, MLflow, plotting.
-TRAINING_ONLY = ("neu_model.train", "neu_model.augment", "neu_model.figures", "mlflow", "matplotlib")
+TRAINING_ONLY = ("neu_model.training.train", "neu_model.training.augment", "neu_model.evaluation.figures", "mlflow", "matplotlib")
 
 
 def test_no_import_cycle_in_neu_model():
@@ -44,7 +44,7 @@ def imported_modules(code: str) -> set[str]:
     return {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
 
 
-@pytest.mark.parametrize("module", ["neu_model.predict", "neu_model.inference", "neu_model.model_source"])
+@pytest.mark.parametrize("module", ["neu_model.inference.predict", "neu_model.inference.torch_model", "neu_model.inference.registry_files"])
 def test_inference_loads_no_training_code_mlflow_or_matplotlib(module):
     loaded = imported_modules(f"import {module}")
     assert module in loaded and "torch" in loaded  # the report was read

@@ -1,4 +1,4 @@
-"""neu_model.inference: loading a saved model, batched logits, the pyfunc check, the device."""
+"""neu_model.inference.torch_model: loading a saved model, batched logits, the pyfunc check, the device."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from neu_model.cli import StageError
-from neu_model.data import to_float
-from neu_model.inference import load_torch_model, predict_logits, pyfunc_probabilities, select_device
-from neu_model.model import build_model
+from neu_model.core.stage import StageError
+from neu_model.data.dataset import to_float
+from neu_model.inference.torch_model import load_torch_model, predict_logits, pyfunc_probabilities, select_device
+from neu_model.model.networks import build_model
 
 
 def _save(path, name: str, net: nn.Module, **extra) -> None:
@@ -46,7 +46,7 @@ def test_a_file_without_model_args_gets_the_default_architecture(tmp_path):
 
 def test_a_model_that_does_not_fit_is_a_one_line_error(tmp_path):
     _save(tmp_path / "model.pt", "defectnet", build_model("defectnet"), model_args={"widths": (4, 8, 8, 16, 16, 32)})
-    not_saved_by_train = "not a model saved by neu_model.train"
+    not_saved_by_train = "not a model saved by neu_model.training.train"
     with pytest.raises(StageError, match=f"model.pt: {not_saved_by_train} .*size mismatch.*retrain it") as err:
         load_torch_model(tmp_path / "model.pt")
     assert "\n" not in str(err.value)  # torch's message has a line per tensor

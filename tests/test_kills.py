@@ -3,7 +3,7 @@
 One fixture-sized project (2 epochs) goes through ``dvc repro`` once; then a new image arrives
 at the data source and each stage is killed on its way to the new version, in pipeline order:
 after each kill the old output must be intact, after the rerun the new one complete. The
-moments come from ``NEU_PAUSE_AT`` (``neu_model.files.pause_point``) or from files the test
+moments come from ``NEU_PAUSE_AT`` (``neu_model.core.files.pause_point``) or from files the test
 watches, never from sleeps. ``pytest -s`` prints the table of outcomes (docs/reliability.md).
 """
 
@@ -23,9 +23,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from neu_model.config import ROOT
-from neu_model.inference import load_torch_model
-from neu_model.orchestrate import StageFailed, run_logged
+from neu_model.core.paths import ROOT
+from neu_model.inference.torch_model import load_torch_model
+from neu_model.ops.orchestrate import StageFailed, run_logged
 
 from conftest import FIXTURE_IMAGES, make_project
 from kill_support import Watched, ends, project_env, run
@@ -142,7 +142,7 @@ def test_train_killed_mid_epoch_under_dvc_resumes(project):
     assert not list((project.root / "models").glob(".checkpoint.pt.*.tmp"))  # the dead writer's is gone
     rwlock = project.root / ".dvc" / "tmp" / "rwlock"
     assert str(proc.proc.pid) in rwlock.read_text()  # DVC's lock names the dead dvc
-    again = run([sys.executable, "-m", "neu_model.workspace_lock", "run", "--", DVC, "repro", "--single-item",
+    again = run([sys.executable, "-m", "neu_model.ops.workspace_lock", "run", "--", DVC, "repro", "--single-item",
                  "train"], project.root, project.env)
     assert again.proc.returncode == 0, again.output
     assert f"removed stale DVC lock of dead process {proc.proc.pid}" in again.output
@@ -158,7 +158,7 @@ def test_evaluate_killed_before_metrics_and_register_refuses_the_mix(project):
     project.stage("evaluate", "rename:metrics.json")
     assert project.read("reports/metrics.json") == before
     champion = champion_was_evaluated(project.client())
-    refused = run([sys.executable, "-m", "neu_model.register"], project.root, project.env)
+    refused = run([sys.executable, "-m", "neu_model.registry.register"], project.root, project.env)
     assert refused.proc.returncode == 2 and "rerun the evaluate stage" in refused.output
     assert champion_was_evaluated(project.client()) == champion
     killed_at = (project.root / "reports/metrics.json").stat().st_mtime_ns
@@ -182,7 +182,7 @@ def test_export_killed_between_its_files_and_register_refuses_the_mix(project):
     assert project.read("models/model.int8.onnx") == before["model.int8.onnx"]
     assert project.read("reports/export.json") == report
     champion = champion_was_evaluated(project.client())
-    refused = run([sys.executable, "-m", "neu_model.register"], project.root, project.env)
+    refused = run([sys.executable, "-m", "neu_model.registry.register"], project.root, project.env)
     assert refused.proc.returncode == 2 and "rerun the export stage" in refused.output
     assert champion_was_evaluated(project.client()) == champion
     project.stage("export")
@@ -219,7 +219,7 @@ STAGE = ("import subprocess, sys, time\n"
 # An orchestrator process as Prefect runs a flow: SIGTERM (a cancelled or timed-out run) becomes
 # Prefect's TerminationSignal exception in the flow's thread, which is inside run_logged.
 FLOW = ("import os, sys\nfrom pathlib import Path\nfrom prefect.utilities.engine import capture_sigterm\n"
-        "from neu_model.orchestrate import run_logged\nwith capture_sigterm():\n"
+        "from neu_model.ops.orchestrate import run_logged\nwith capture_sigterm():\n"
         "    run_logged([sys.executable, '-c', sys.argv[1]], Path('.'), dict(os.environ), None, print, 'train')\n")
 
 

@@ -18,13 +18,15 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from neu_model.annotations import box_table, main, write_if_changed
-from neu_model.boxes import BOX_COLUMNS, boxes_by_file, iou_matrix, read_boxes
-from neu_model.cli import StageError, run_stage
-from neu_model.config import BOXES_SOURCE_ENV, CLASSES, ROOT, ConfigError, load_config
-from neu_model.evaluate import evaluate
-from neu_model.localisation import SKIPPED, SUMMARY_KEYS, best_method, mlflow_metrics
-from neu_model.locate import DEFAULT_LOCATE, METHODS, params_from_dict
+from neu_model.core.config import BOXES_SOURCE_ENV, CLASSES, ConfigError, load_config
+from neu_model.core.paths import ROOT
+from neu_model.core.stage import StageError, run_stage
+from neu_model.data.boxes import box_table, main, write_if_changed
+from neu_model.data.neu_det import BOX_COLUMNS, read_boxes
+from neu_model.evaluation.evaluate import evaluate
+from neu_model.evaluation.localisation import SKIPPED, SUMMARY_KEYS, best_method, mlflow_metrics
+from neu_model.localisation.geometry import boxes_by_file, iou_matrix
+from neu_model.localisation.methods import DEFAULT_LOCATE, METHODS, params_from_dict
 
 from conftest import FIXTURE_IMAGES, tiny_config
 from download_support import FAST, PROXY_VARS, serve
@@ -63,7 +65,7 @@ def test_boxes_stage_writes_the_table_and_leaves_an_unchanged_one_alone(tmp_path
 
 def test_no_source_gives_a_header_only_table_and_says_how_to_give_boxes(tmp_path, caplog):
     out = tmp_path / "boxes.csv"
-    with caplog.at_level(logging.INFO, logger="neu_model.annotations"):
+    with caplog.at_level(logging.INFO, logger="neu_model.data.boxes"):
         main(["--out", str(out)])
     assert out.read_text() == HEADER
     notes = [r.getMessage() for r in caplog.records]
@@ -180,7 +182,7 @@ def test_a_wrong_locate_section_is_refused_naming_the_key(section, named):
 
 
 def test_loading_params_needs_no_torch():
-    code = "import sys, neu_model.config as c; c.load_config(); assert 'torch' not in sys.modules, 'torch loaded'"
+    code = "import sys, neu_model.core.config as c; c.load_config(); assert 'torch' not in sys.modules, 'torch loaded'"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -257,7 +259,7 @@ def test_a_chosen_method_that_validation_does_not_favour_is_warned_about(tiny_da
     worse = min(METHODS, key=accuracy.get)
     if accuracy[worse] == max(accuracy.values()):
         pytest.skip("every method localises equally well on these validation images")
-    with caplog.at_level(logging.WARNING, logger="neu_model.localisation"):
+    with caplog.at_level(logging.WARNING, logger="neu_model.evaluation.localisation"):
         metrics = evaluate(tiny_config(f"locate.method={worse}"), tiny_model, with_val, tiny_data.images, tmp_path,
                            box_file)
     best = metrics["localisation"]["best_on_validation"]

@@ -15,12 +15,20 @@ import pytest
 import torch
 from torch import nn
 
-from neu_model.boxes import boxes_by_file, greedy_matches, iou_matrix, points_inside, prefix_matches, read_boxes
-from neu_model.cam import class_maps
-from neu_model.cli import StageError
-from neu_model.config import CLASSES, ROOT
-from neu_model.data import load_images
-from neu_model.locate import (
+from neu_model.core.config import CLASSES
+from neu_model.core.paths import ROOT
+from neu_model.core.stage import StageError
+from neu_model.data.dataset import load_images
+from neu_model.data.neu_det import read_boxes
+from neu_model.localisation.cam import class_maps
+from neu_model.localisation.geometry import (
+    boxes_by_file,
+    greedy_matches,
+    iou_matrix,
+    points_inside,
+    prefix_matches,
+)
+from neu_model.localisation.methods import (
     Located,
     LocateParams,
     localisation_report,
@@ -29,8 +37,8 @@ from neu_model.locate import (
     score_image,
     summarise,
 )
-from neu_model.model import build_model
-from neu_model.regions import RegionParams, classical_heat, heat_regions
+from neu_model.localisation.regions import RegionParams, classical_heat, heat_regions
+from neu_model.model.networks import build_model
 
 from conftest import FIXTURE_IMAGES
 
@@ -274,8 +282,8 @@ def test_params_from_a_locate_section_inherit_the_default_and_refuse_unknown_key
 
 
 def test_locate_loads_no_training_code_mlflow_or_matplotlib():
-    code = ("import sys, neu_model.locate; print(' '.join(m for m in sys.modules if m.split('.')[0] in "
-            "('mlflow', 'matplotlib') or m in ('neu_model.train', 'neu_model.augment', 'neu_model.figures')))")
+    code = ("import sys, neu_model.localisation.methods; print(' '.join(m for m in sys.modules if m.split('.')[0] in "
+            "('mlflow', 'matplotlib') or m in ('neu_model.training.train', 'neu_model.training.augment', 'neu_model.evaluation.figures')))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                           env=os.environ | {"PYTHONPATH": str(ROOT)}, timeout=300)
     assert done.stdout.strip() == ""
@@ -284,7 +292,7 @@ def test_locate_loads_no_training_code_mlflow_or_matplotlib():
 # --- figures -------------------------------------------------------------------------------
 
 def test_gallery_shows_every_misclassified_image_then_some_of_each_class():
-    from neu_model.overlays import gallery_indices
+    from neu_model.localisation.gallery import gallery_indices
 
     labels = [0, 0, 0, 1, 1, 2]
     predicted = [0, 1, 0, 1, 1, 2]
@@ -293,7 +301,7 @@ def test_gallery_shows_every_misclassified_image_then_some_of_each_class():
 
 
 def test_locate_gallery_writes_a_png_of_the_chosen_images(tmp_path):
-    from neu_model.overlays import locate_gallery
+    from neu_model.localisation.gallery import locate_gallery
 
     files = ["Cr_1.bmp", "In_2.bmp", "RS_3.bmp"]
     images = load_images([FIXTURE_IMAGES / f for f in files])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from neu_model import orchestrate
+from neu_model.ops import orchestrate
 
 from conftest import make_project
 from kill_support import Watched, project_env

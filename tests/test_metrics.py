@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from neu_model.config import CLASSES
-from neu_model.metrics import classification_metrics, confusion_matrix, review_metrics
+from neu_model.core.config import CLASSES
+from neu_model.evaluation.metrics import classification_metrics, confusion_matrix, review_metrics
 
 N = len(CLASSES)
 

@@ -13,11 +13,12 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from neu_model import mlflow_model, runtimes
-from neu_model.config import CLASSES
-from neu_model.data import load_split, to_float
-from neu_model.evaluate import evaluate
-from neu_model.inference import MirrorAverage, load_torch_model, predict_logits, probability_model
+from neu_model.core.config import CLASSES
+from neu_model.data.dataset import load_split, to_float
+from neu_model.evaluation.evaluate import evaluate
+from neu_model.inference import runtimes
+from neu_model.inference.torch_model import MirrorAverage, load_torch_model, predict_logits, probability_model
+from neu_model.registry import mlflow_model
 
 from conftest import tiny_config
 
@@ -63,7 +64,7 @@ def test_mirror_output_stands_for_logits(net, test_images):
 def test_torch_runtime_averages_when_asked(tiny_model, net, test_images):
     x = to_float(test_images)
     models = tiny_model.parent
-    probs = runtimes.load_predictor("torch", models, mirror=True).predict(x.numpy())
+    probs = runtimes.variant_predictor("torch", models, mirror=True).predict(x.numpy())
     np.testing.assert_allclose(probs, averaged(net, x).numpy(), atol=1e-6)
 
 

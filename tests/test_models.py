@@ -5,8 +5,8 @@ import inspect
 import pytest
 import torch
 
-from neu_model.config import ARCH_KWARGS, CLASSES, load_config
-from neu_model.model import MODELS, build_model, count_macs, count_params, model_kwargs
+from neu_model.core.config import ARCH_KWARGS, CLASSES, load_config
+from neu_model.model.networks import MODELS, build_model, count_macs, count_params, model_kwargs
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -114,7 +114,7 @@ def test_macs_include_detrends_two_matrix_products():
 
 
 def test_mad_standardisation_scales_by_the_mean_absolute_deviation():
-    from neu_model.layers import Standardize
+    from neu_model.model.layers import Standardize
 
     x = torch.rand(3, 1, 20, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 5
     out = Standardize("mad")(x)
@@ -125,7 +125,7 @@ def test_mad_standardisation_scales_by_the_mean_absolute_deviation():
 
 
 def test_trimmed_pool_is_the_mean_of_the_middle_two_and_drops_one_outlier_per_block():
-    from neu_model.model import TrimmedPool2d
+    from neu_model.model.networks import TrimmedPool2d
 
     x = torch.rand(2, 1, 6, 6, generator=torch.Generator().manual_seed(0))
     blocks = x.reshape(2, 1, 3, 2, 3, 2).permute(0, 1, 2, 4, 3, 5).reshape(2, 1, 3, 3, 4).sort(-1).values
@@ -138,7 +138,7 @@ def test_trimmed_pool_is_the_mean_of_the_middle_two_and_drops_one_outlier_per_bl
 
 @pytest.mark.parametrize("size", [100, 25])
 def test_max_pool_2x2_equals_native_pooling_with_and_without_autograd(size):
-    from neu_model.model import MaxPool2x2
+    from neu_model.model.networks import MaxPool2x2
 
     x = torch.randn(3, 8, size, size).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
@@ -156,7 +156,7 @@ def test_defectnet_stays_cheap():
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_folding_batchnorm_keeps_the_outputs(name):
-    from neu_model.model import fuse_batchnorm
+    from neu_model.model.networks import fuse_batchnorm
 
     torch.manual_seed(0)
     model = build_model(name)
@@ -176,7 +176,7 @@ def test_folding_batchnorm_keeps_the_outputs(name):
 
 @pytest.mark.parametrize("degree", [1, 2])
 def test_detrend_is_the_least_squares_residual_of_a_polynomial_surface(degree):
-    from neu_model.model import Detrend
+    from neu_model.model.networks import Detrend
 
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(3, 1, 20, 30, generator=gen, dtype=torch.float64)
@@ -190,7 +190,7 @@ def test_detrend_is_the_least_squares_residual_of_a_polynomial_surface(degree):
 
 
 def test_detrend_removes_uneven_light_and_keeps_the_defect():
-    from neu_model.model import Detrend
+    from neu_model.model.networks import Detrend
 
     ys, xs = torch.meshgrid(torch.linspace(-1, 1, 40), torch.linspace(-1, 1, 40), indexing="ij")
     defect = torch.zeros(1, 1, 40, 40)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from neu_model.cli import StageError
-from neu_model.data import load_split
-from neu_model.distributed import Context
-from neu_model.packed import fit_sets, pack_dir, packed_split
+from neu_model.core.stage import StageError
+from neu_model.data.dataset import load_split
+from neu_model.training.distributed import Context
+from neu_model.training.packed import fit_sets, pack_dir, packed_split
 
 from conftest import tiny_config
 

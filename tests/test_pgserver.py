@@ -1,4 +1,4 @@
-"""neu_model.pgserver's refusals: one line naming the cause and the fix, and nothing left behind.
+"""neu_model.ops.pgserver's refusals: one line naming the cause and the fix, and nothing left behind.
 
 The cluster itself (initdb, start, stop, the MLflow server on it) is exercised by
 tests/test_shared_tracking.py.
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from neu_model import pgserver
-from neu_model.cli import StageError
-from neu_model.config import ROOT
+from neu_model.core.paths import ROOT
+from neu_model.core.stage import StageError
+from neu_model.ops import pgserver
 
 
 def have_server_programs() -> bool:
@@ -63,7 +63,7 @@ def test_a_folder_the_cluster_account_cannot_enter_is_refused_in_one_line():
         pytest.skip("no PostgreSQL server programs")
     private = Path(tempfile.mkdtemp(prefix="neu-pg-private-"))  # 0700, owned by root
     try:
-        done = subprocess.run([sys.executable, "-m", "neu_model.pgserver", "start", "--dir", str(private / "pg")],
+        done = subprocess.run([sys.executable, "-m", "neu_model.ops.pgserver", "start", "--dir", str(private / "pg")],
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert done.returncode == 2
         assert done.stderr.count("\n") == 1 and f"user {pgserver.SYSTEM_USER} cannot reach" in done.stderr
@@ -75,7 +75,7 @@ def test_a_folder_the_cluster_account_cannot_enter_is_refused_in_one_line():
 def test_status_and_stop_of_a_folder_without_a_cluster(tmp_path):
     if not have_server_programs():
         pytest.skip("no PostgreSQL server programs")
-    done = subprocess.run([sys.executable, "-m", "neu_model.pgserver", "status", "--dir", str(tmp_path)], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "neu_model.ops.pgserver", "status", "--dir", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout) == (3, "stopped\n")
     assert pgserver.stop(tmp_path) is False

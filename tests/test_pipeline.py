@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from neu_model.config import BOXES_SOURCE_ENV, DATA_SOURCE_ENV, ROOT
+from neu_model.core.config import BOXES_SOURCE_ENV, DATA_SOURCE_ENV
+from neu_model.core.paths import ROOT
 
 from conftest import FIXTURE_IMAGES, make_project, run_in_project
 
@@ -69,10 +70,10 @@ def test_new_image_at_the_source_reruns_the_chain(project, tmp_path):
     source = tmp_path / "source"
     shutil.copytree(FIXTURE_IMAGES, source)
     env = {DATA_SOURCE_ENV: str(source)}
-    assert run([sys.executable, "-m", "neu_model.source"], project, **env).returncode == 0
+    assert run([sys.executable, "-m", "neu_model.data.source"], project, **env).returncode == 0
     assert run([str(Path(sys.executable).parent / "dvc"), "repro"], project, **env).returncode == 0
     shutil.copy(source / "Cr_1.bmp", source / "Cr_6.bmp")
-    changed = run([sys.executable, "-m", "neu_model.source"], project, **env)
+    changed = run([sys.executable, "-m", "neu_model.data.source"], project, **env)
     assert "changed" in changed.stderr
     status = run([str(Path(sys.executable).parent / "dvc"), "status"], project, **env)
     assert "download" in status.stdout

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from neu_model.config import ROOT
+from neu_model.core.paths import ROOT
 
 CHROMIUM = shutil.which("chromium")
 needs_chromium = pytest.mark.skipif(

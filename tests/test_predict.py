@@ -18,10 +18,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from neu_model.config import CLASSES, ROOT, load_config
-from neu_model.predict import cli, score_inputs, summarize
-from neu_model.reader import CSV_COLUMNS
-from neu_model.runtime_choice import load_predictor
+from neu_model.core.config import CLASSES, load_config
+from neu_model.core.paths import ROOT
+from neu_model.inference.loading import load_predictor
+from neu_model.inference.predict import cli, score_inputs, summarize
+from neu_model.inference.tiles import CSV_COLUMNS
 
 from conftest import FIXTURE_IMAGES
 
@@ -162,7 +163,7 @@ def test_review_threshold_flags_the_less_confident(tiny_model, capsys):
 
 
 def test_usage_errors_exit_2_with_one_line(tiny_model, tmp_path, capsys):
-    cmd = [sys.executable, "-m", "neu_model.predict", "--model", str(tiny_model), str(tmp_path / "missing")]
+    cmd = [sys.executable, "-m", "neu_model.inference.predict", "--model", str(tiny_model), str(tmp_path / "missing")]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and not done.stdout
     assert done.stderr.strip() == f"error: {tmp_path / 'missing'}: no such file or folder; check the path"

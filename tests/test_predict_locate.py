@@ -16,13 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-from neu_model.config import CLASSES, ROOT
-from neu_model.inference import load_torch_model
-from neu_model.locate import DEFAULT_LOCATE, locate_one, params_from_dict
-from neu_model.predict import cli
-from neu_model.predict_locate import TileLocator, locate_params
-from neu_model.predict_overlays import TOP_BOX
-from neu_model.reader import CSV_COLUMNS
+from neu_model.core.config import CLASSES
+from neu_model.core.paths import ROOT
+from neu_model.inference.overlays import TOP_BOX
+from neu_model.inference.predict import cli
+from neu_model.inference.tile_boxes import TileLocator, locate_params
+from neu_model.inference.tiles import CSV_COLUMNS
+from neu_model.inference.torch_model import load_torch_model
+from neu_model.localisation.methods import DEFAULT_LOCATE, locate_one, params_from_dict
 
 from conftest import FIXTURE_IMAGES
 
@@ -144,9 +145,9 @@ def test_image_boxes_stay_inside_the_tile_for_every_class(tiny_model, code):
 
 
 def test_locate_overlays_and_runtimes_load_no_training_code_mlflow_or_matplotlib():
-    code = ("import sys, neu_model.predict_locate, neu_model.predict_overlays, neu_model.runtime_choice; "
+    code = ("import sys, neu_model.inference.tile_boxes, neu_model.inference.overlays, neu_model.inference.loading; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'matplotlib', 'onnxruntime', "
-            "'openvino') or m in ('neu_model.train', 'neu_model.augment', 'neu_model.figures', 'neu_model.tracking')))")
+            "'openvino') or m in ('neu_model.training.train', 'neu_model.training.augment', 'neu_model.evaluation.figures', 'neu_model.registry.tracking')))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                           env=os.environ | {"PYTHONPATH": str(ROOT)})
     assert done.stdout.strip() == "[]"

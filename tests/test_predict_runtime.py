@@ -18,14 +18,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from neu_model import export, runtimes
-from neu_model.cli import StageError
-from neu_model.config import CLASSES
-from neu_model.data import load_images, to_float
-from neu_model.inference import load_torch_model
-from neu_model.model_source import MISSING_EXPORT_FIX, MissingArtifactError, version_artifact
-from neu_model.predict import cli
-from neu_model.runtime_choice import load_model
+from neu_model.core.config import CLASSES
+from neu_model.core.stage import StageError
+from neu_model.data.dataset import load_images, to_float
+from neu_model.inference import export
+from neu_model.inference.loading import load_model
+from neu_model.inference.predict import cli
+from neu_model.inference.registry_files import MISSING_EXPORT_FIX, MissingArtifactError, version_artifact
+from neu_model.inference.torch_model import TorchPredictor, load_torch_model, probability_model
 
 from conftest import FIXTURE_IMAGES
 
@@ -53,7 +53,7 @@ def models_dir(tiny_model, tmp_path_factory) -> Path:
     folder.mkdir()
     shutil.copy(tiny_model, folder / "model.pt")
     net, _ = load_torch_model(tiny_model, "cpu")
-    graph = runtimes.probability_model(export.native_pooling(copy.deepcopy(net)), False)
+    graph = probability_model(export.native_pooling(copy.deepcopy(net)), False)
     export.export_onnx(graph, folder / "model.onnx", metadata={"mirror": "false"})
     return folder
 
@@ -154,7 +154,7 @@ def test_the_exports_mirror_averaging_is_applied_by_torch(registered, models_dir
     net, _ = load_torch_model(models_dir / "model.pt", "cpu")
     images = to_float(load_images(IMAGES)).numpy()
     for mirror, close in ((True, True), (False, False)):
-        expected = runtimes.TorchPredictor(runtimes.probability_model(net, mirror)).predict(images)
+        expected = TorchPredictor(net, mirror=mirror).predict(images)
         assert np.allclose(frame[PROBS].astype(float), expected, atol=1e-5) is close
 
 

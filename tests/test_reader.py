@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from neu_model.cli import StageError
-from neu_model.data import decode_gray
-from neu_model.decode import DARK_16_BIT_NOTE
-from neu_model.reader import (
+from neu_model.core.stage import StageError
+from neu_model.data.dataset import decode_gray
+from neu_model.inference.decode import DARK_16_BIT_NOTE
+from neu_model.inference.tiles import (
     CSV_COLUMNS,
     Batch,
     NoteTally,
@@ -49,7 +49,7 @@ def tiles_by_file(items) -> dict[str, list[tuple[int, int, np.ndarray, str]]]:
     for item in items:
         if isinstance(item, Batch):
             for i, f in enumerate(item.files):
-                out.setdefault(f, []).append((item.xs[i], item.ys[i], item.tiles[i, 0].numpy(), item.notes[i]))
+                out.setdefault(f, []).append((item.xs[i], item.ys[i], item.tiles[i, 0], item.notes[i]))
     return out
 
 
@@ -180,7 +180,7 @@ def test_bad_files_become_one_line_error_rows_and_the_rest_is_read(tmp_path):
     assert "150x120, smaller than the 200x200" in err[str(folder / "c_small.png")]
     assert "empty file" in err[str(folder / "d_empty.jpg")]
     assert all("\n" not in e and "; " in e for e in err.values())  # one line, naming a fix
-    np.testing.assert_array_equal(items[-1].tiles[0, 0].numpy(), gray("In_1") / np.float32(255))
+    np.testing.assert_array_equal(items[-1].tiles[0, 0], gray("In_1") / np.float32(255))
 
 
 def test_an_error_first_hands_over_the_tiles_before_it(tmp_path):
@@ -284,9 +284,9 @@ def test_notes_are_counted_per_image_and_shown_for_the_first_few():
 
 
 def test_reader_imports_no_training_code_mlflow_or_matplotlib():
-    code = ("import sys, neu_model.reader, neu_model.stripmap; "
+    code = ("import sys, neu_model.inference.tiles, neu_model.inference.stripmap; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'matplotlib') "
-            "or m in ('neu_model.train', 'neu_model.data', 'neu_model.model')))")
+            "or m in ('neu_model.training.train', 'neu_model.data.dataset', 'neu_model.model.networks')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -294,7 +294,7 @@ def test_reader_imports_no_training_code_mlflow_or_matplotlib():
 def test_progress_passes_every_item_through_and_logs_the_counts(caplog, tmp_path):
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     stream = TileStream([FIXTURE_IMAGES, tmp_path], batch_size=7)
-    with caplog.at_level(logging.INFO, logger="neu_model.reader"):
+    with caplog.at_level(logging.INFO, logger="neu_model.inference.tiles"):
         items = list(with_progress(stream))
     assert sum(len(i) for i in items if isinstance(i, Batch)) == 30 and len(errors(items)) == 1
     assert "read 31 files, 30 tiles, 1 unreadable" in caplog.text

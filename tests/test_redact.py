@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from neu_model.redact import RedactingFilter, install_log_redaction, redact_url, split_credentials
+from neu_model.core.redact import RedactingFilter, install_log_redaction, redact_url, split_credentials
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -19,14 +19,14 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from neu_model import register as gate  # module access: pytest would collect a bare test_split_id
-from neu_model.cli import StageError
-from neu_model.data import load_split, to_float
-from neu_model.evaluate import evaluate
-from neu_model.inference import load_torch_model, predict_logits
-from neu_model.pgserver import free_port
-from neu_model.register import decide, format_listing, listing, main, register
-from neu_model.split import split
+from neu_model.core.stage import StageError
+from neu_model.data.dataset import load_split, to_float
+from neu_model.data.split import split
+from neu_model.evaluation.evaluate import evaluate
+from neu_model.inference.torch_model import load_torch_model, predict_logits
+from neu_model.ops.pgserver import free_port
+from neu_model.registry import register as gate  # module access: pytest would collect a bare test_split_id
+from neu_model.registry.register import decide, format_listing, listing, main, register
 
 from conftest import tiny_config
 from server_support import running_server

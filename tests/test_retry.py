@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from prefect.states import Completed, Failed
 
-from neu_model.cli import StageError
-from neu_model.config import ConfigError
-from neu_model.orchestrate import StageFailed, is_transient
+from neu_model.core.config import ConfigError
+from neu_model.core.stage import StageError
+from neu_model.ops.orchestrate import StageFailed, is_transient
 from tasks.retry import retry_if_transient
 
 UNREACHABLE = "error: MLflow store http://127.0.0.1:5000 does not answer (connection refused); start the server"

@@ -7,13 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from neu_model import run_params
-from neu_model.config import ROOT, ConfigError
+from neu_model.core import paths
+from neu_model.core.config import ConfigError
+from neu_model.core.paths import ROOT
+from neu_model.ops import run_params
 
 from kill_support import project_env, run
 
 EPOCHS = "train.recipes.defectnet.epochs=7"
-APPLY = "import sys\nfrom neu_model.run_params import apply\napply(sys.argv[1], sys.argv[2:])\n"
+APPLY = "import sys\nfrom neu_model.ops.run_params import apply\napply(sys.argv[1], sys.argv[2:])\n"
 
 
 @pytest.fixture
@@ -36,9 +38,9 @@ def test_overrides_last_until_the_run_ends(project):
     assert "epochs: 7" in text and "# The one source of configuration" in text  # comments kept
     assert run_params.restore(project, notes.append, ending=True)
     assert (project / "params.yaml").read_text() == original
-    assert not (project / run_params.RECORD).exists() and leftovers(project) == []
+    assert not (project / paths.RUN_PARAMS_RECORD).exists() and leftovers(project) == []
     assert notes == [f"{project / 'params.yaml'}: this run's overrides ({EPOCHS}, seed=0) undone"]
-    assert run_params.apply(project, []) == [] and not (project / run_params.RECORD).exists()
+    assert run_params.apply(project, []) == [] and not (project / paths.RUN_PARAMS_RECORD).exists()
 
 
 def test_an_edit_made_during_the_run_is_kept(project):
@@ -56,7 +58,7 @@ def test_a_bad_override_writes_nothing(project, override, named):
     original = (project / "params.yaml").read_text()
     with pytest.raises(ConfigError, match=named):
         run_params.apply(project, [override])
-    assert (project / "params.yaml").read_text() == original and not (project / run_params.RECORD).exists()
+    assert (project / "params.yaml").read_text() == original and not (project / paths.RUN_PARAMS_RECORD).exists()
 
 
 # Every point of apply and restore at which a SIGKILL can land: the record being renamed into
@@ -70,10 +72,10 @@ def test_sigkill_while_applying_is_undone_by_the_next_start(project, point):
     env = project_env(project) | {"PYTHONPATH": str(ROOT)}
     run([sys.executable, "-c", APPLY, str(project), EPOCHS], project, env, pause_at=point)
     assert ("epochs: 7" in (project / "params.yaml").read_text()) == (point == "params:applied")
-    restore = run([sys.executable, "-m", "neu_model.run_params", "restore"], project, env)
+    restore = run([sys.executable, "-m", "neu_model.ops.run_params", "restore"], project, env)
     assert restore.proc.returncode == 0, restore.output
     assert (project / "params.yaml").read_text() == original
-    assert not (project / run_params.RECORD).exists()
+    assert not (project / paths.RUN_PARAMS_RECORD).exists()
     if point == "params:applied":
         assert f"undid the overrides ({EPOCHS}) of the run started" in restore.output
     # The next write of the same file removes the temporary the killed writer left.
@@ -86,7 +88,7 @@ def test_sigkill_while_restoring_is_finished_by_the_next_start(project):
     original = (project / "params.yaml").read_text()
     env = project_env(project) | {"PYTHONPATH": str(ROOT)}
     run_params.apply(project, [EPOCHS])
-    run([sys.executable, "-m", "neu_model.run_params", "restore"], project, env, pause_at="rename:params.yaml")
+    run([sys.executable, "-m", "neu_model.ops.run_params", "restore"], project, env, pause_at="rename:params.yaml")
     assert "epochs: 7" in (project / "params.yaml").read_text()  # the kill came before the rename
     run_params.restore(project)
-    assert (project / "params.yaml").read_text() == original and not (project / run_params.RECORD).exists()
+    assert (project / "params.yaml").read_text() == original and not (project / paths.RUN_PARAMS_RECORD).exists()

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from neu_model.cli import StageError
-from neu_model.config import load_config
-from neu_model.train import make_scheduler
+from neu_model.core.config import load_config
+from neu_model.core.stage import StageError
+from neu_model.training.train import make_scheduler
 
 LR = 0.004
 

@@ -1,6 +1,6 @@
 """The pipeline against a shared MLflow server: PostgreSQL backend store, artifacts proxied by the server.
 
-A real PostgreSQL (``neu_model.pgserver``: an unprivileged account, a free loopback port),
+A real PostgreSQL (``neu_model.ops.pgserver``: an unprivileged account, a free loopback port),
 the server as ``make mlflow-server`` starts it, and the real ``dvc repro`` chain on the fixture
 (1 epoch) with ``MLFLOW_TRACKING_URI`` pointing at the server. Everything is then read back the
 way a colleague's machine would: over HTTP, and from the database itself.
@@ -21,9 +21,10 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from neu_model import pgserver
-from neu_model.cli import StageError
-from neu_model.config import CLASSES, ROOT
+from neu_model.core.config import CLASSES
+from neu_model.core.paths import ROOT
+from neu_model.core.stage import StageError
+from neu_model.ops import pgserver
 
 from conftest import FIXTURE_IMAGES, make_project, run_in_project
 from server_support import running_server

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from neu_model.config import DATA_SOURCE_ENV, ROOT
-from neu_model.source import record_source, redact
+from neu_model.core.config import DATA_SOURCE_ENV
+from neu_model.core.paths import ROOT
+from neu_model.data.source import record_source, redact
 
 from conftest import FIXTURE_IMAGES, make_project, run_in_project
 
@@ -79,8 +80,8 @@ def archive_server(**state):
 
 
 def source_stage(url: str, out: Path) -> subprocess.CompletedProcess:
-    """``python -m neu_model.source`` as dvc runs it, with ``url`` as data.source."""
-    return subprocess.run([sys.executable, "-m", "neu_model.source", "--params", str(ROOT / "params.yaml"),
+    """``python -m neu_model.data.source`` as dvc runs it, with ``url`` as data.source."""
+    return subprocess.run([sys.executable, "-m", "neu_model.data.source", "--params", str(ROOT / "params.yaml"),
                            "--set", f"data.source={url}", "--out", str(out), "--timeout", "3"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
 
@@ -167,7 +168,7 @@ def test_server_gone_and_no_fingerprint_yet_falls_back_to_the_url(tmp_path, capl
     out = tmp_path / "source.json"
     with archive_server() as (base, _, _):
         url = f"{base}/neu.zip"
-    with caplog.at_level(logging.WARNING, logger="neu_model.source"):
+    with caplog.at_level(logging.WARNING, logger="neu_model.data.source"):
         assert record_source(url, out, timeout=3)
     assert json.loads(out.read_text()) == {"source": url}
     assert "no earlier fingerprint" in caplog.text
@@ -175,7 +176,7 @@ def test_server_gone_and_no_fingerprint_yet_falls_back_to_the_url(tmp_path, capl
 
 def test_credentials_are_sent_but_never_written_or_logged(tmp_path, caplog):
     out = tmp_path / "source.json"
-    with caplog.at_level(logging.INFO, logger="neu_model.source"):
+    with caplog.at_level(logging.INFO, logger="neu_model.data.source"):
         with archive_server(password="s3cret-token") as (base, _, seen):
             host = base.partition("://")[2]
             url = f"http://user:s3cret-token@{host}/neu.zip"

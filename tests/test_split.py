@@ -3,8 +3,8 @@
 import pandas as pd
 import pytest
 
-from neu_model.config import CLASSES, SplitConfig
-from neu_model.split import split_frame
+from neu_model.core.config import CLASSES, SplitConfig
+from neu_model.data.split import split_frame
 
 
 def manifest(per_class: int = 300, duplicates: dict[str, str] | None = None) -> pd.DataFrame:

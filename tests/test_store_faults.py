@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from neu_model.config import ROOT
-from neu_model.pgserver import free_port
+from neu_model.core.paths import ROOT
+from neu_model.ops.pgserver import free_port
 
 from conftest import TINY
 from kill_support import Watched
@@ -41,7 +41,7 @@ def test_mlflow_server_gone_mid_training_is_one_line_and_the_rerun_resumes(tiny_
     # No retries and a short timeout: MLflow's client would otherwise retry for minutes.
     env = os.environ | {"PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": url, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
                         "MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "PYTHONUNBUFFERED": "1"}
-    train = Watched([sys.executable, "-m", "neu_model.train", *sets], work, env)
+    train = Watched([sys.executable, "-m", "neu_model.training.train", *sets], work, env)
     train.wait_for("epoch 1/2")  # its checkpoint is written before the epoch is logged to MLflow
     os.killpg(server.pid, signal.SIGSTOP)  # the server stops answering (connections hang)
     assert train.finish() == 2
@@ -51,7 +51,7 @@ def test_mlflow_server_gone_mid_training_is_one_line_and_the_rerun_resumes(tiny_
     assert (work / "models" / "checkpoint.pt").exists() and not (work / "models" / "model.pt").exists()
     assert not list((work / "models").glob(".*.tmp"))
     os.killpg(server.pid, signal.SIGCONT)
-    again = Watched([sys.executable, "-m", "neu_model.train", *sets], work, env)
+    again = Watched([sys.executable, "-m", "neu_model.training.train", *sets], work, env)
     assert again.finish() == 0, again.output
     assert "resuming from models/checkpoint.pt after epoch" in again.output
     assert "continuing MLflow run" in again.output and (work / "models" / "model.pt").exists()

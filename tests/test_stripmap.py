@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from neu_model.reader import tile_origins
-from neu_model.stripmap import CLASS_COLOURS, REVIEW_COLOUR, cells, strip_map
+from neu_model.inference.stripmap import CLASS_COLOURS, REVIEW_COLOUR, cells, strip_map
+from neu_model.inference.tiles import tile_origins
 
 from conftest import FIXTURE_IMAGES
 

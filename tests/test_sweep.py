@@ -1,7 +1,7 @@
 """Sweeps and sharded batch scoring.
 
 Fast: the sweep file, its grid, the trials' table and the best trial, the shards and their merge
-(``neu_model.sweep``), without Prefect. Slow and distributed: the sweep flow and the scoring
+(``neu_model.ops.sweep``), without Prefect. Slow and distributed: the sweep flow and the scoring
 flow on a local Dask cluster of 2 worker processes, in a committed tmp copy of the project that
 has run the whole pipeline once on the fixture (1 epoch), against a test Prefect API.
 """
@@ -21,9 +21,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from neu_model.cli import StageError
-from neu_model.config import ROOT
-from neu_model.sweep import (
+from neu_model.core.paths import ROOT
+from neu_model.core.stage import StageError
+from neu_model.ops.sweep import (
     choose_best,
     expand_grid,
     expand_inputs,

@@ -14,16 +14,17 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-import neu_model.train as train_mod
-from neu_model import provenance, tracking
-from neu_model import register as gate  # module access: pytest would collect a bare test_split_id
-from neu_model.cli import StageError
-from neu_model.config import ROOT
-from neu_model.data import load_split, to_float
-from neu_model.evaluate import evaluate
-from neu_model.inference import load_torch_model, predict_logits
-from neu_model.lineage import read_dvc
-from neu_model.train import train
+import neu_model.training.train as train_mod
+from neu_model.core import provenance
+from neu_model.core.paths import ROOT
+from neu_model.core.stage import StageError
+from neu_model.data.dataset import load_split, to_float
+from neu_model.evaluation.evaluate import evaluate
+from neu_model.inference.torch_model import load_torch_model, predict_logits
+from neu_model.registry import register as gate  # module access: pytest would collect a bare test_split_id
+from neu_model.registry import tracking
+from neu_model.registry.lineage import read_dvc
+from neu_model.training.train import train
 
 from conftest import die_in_epoch, tiny_config
 
@@ -151,11 +152,11 @@ def test_killed_training_ends_its_run_and_the_resume_continues_it(tiny_data, tmp
 
 def test_read_dvc_finds_the_locked_hashes_of_a_stages_inputs(tmp_path):
     (tmp_path / "dvc.yaml").write_text(
-        "stages:\n  train:\n    deps: [data/raw/NEU-CLS, data/split.csv, neu_model/train.py]\n")
+        "stages:\n  train:\n    deps: [data/raw/NEU-CLS, data/split.csv, neu_model/training/train.py]\n")
     (tmp_path / "dvc.lock").write_text(
         "schema: '2.0'\nstages:\n  download:\n    outs:\n    - {path: data/raw, md5: aaa.dir}\n"
         "  split:\n    outs:\n    - {path: data/split.csv, md5: bbb}\n"
-        "  train:\n    deps:\n    - {path: data/split.csv, md5: old}\n    - {path: neu_model/train.py, md5: ccc}\n"
+        "  train:\n    deps:\n    - {path: data/split.csv, md5: old}\n    - {path: neu_model/training/train.py, md5: ccc}\n"
         "    outs:\n    - {path: models/model.pt, md5: ddd}\n")
     assert read_dvc(inputs_of="train", root=tmp_path) == {
         "dvc.input.data/raw/NEU-CLS": "aaa.dir (data/raw)", "dvc.input.data/split.csv": "bbb"}

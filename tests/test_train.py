@@ -6,12 +6,12 @@ import pandas as pd
 import pytest
 import torch
 
-from neu_model.cli import StageError
-from neu_model.data import load_images, to_float
-from neu_model.inference import load_torch_model
-from neu_model.model import build_model
-from neu_model.packed import pack_dir
-from neu_model.train import train
+from neu_model.core.stage import StageError
+from neu_model.data.dataset import load_images, to_float
+from neu_model.inference.torch_model import load_torch_model
+from neu_model.model.networks import build_model
+from neu_model.training.packed import pack_dir
+from neu_model.training.train import train
 
 from conftest import die_in_epoch, tiny_config
 
@@ -119,7 +119,7 @@ def test_changed_config_does_not_resume(tiny_data, tmp_path):
 
 
 def test_checkpoint_of_another_model_layout_does_not_resume(tiny_data, tmp_path, monkeypatch):
-    from neu_model import model
+    from neu_model.model import networks as model
 
     monkeypatch.setitem(model.MODELS, "defectnet", lambda **kwargs: model.DefectNet(**kwargs | {"detrend": 0}))
     _train(tiny_data, tmp_path, tiny_config())  # leaves a checkpoint of the layout without Detrend

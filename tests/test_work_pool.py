@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from neu_model.orchestrate import stop_group
-from neu_model.pgserver import free_port
+from neu_model.ops.orchestrate import stop_group
+from neu_model.ops.pgserver import free_port
 
 from conftest import FIXTURE_IMAGES, make_project, run_in_project
 from server_support import running_server

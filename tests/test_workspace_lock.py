@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from neu_model.config import ROOT
-from neu_model.dvc_rwlock import clear_stale_dvc_rwlock
-from neu_model.workspace_lock import EXIT_BUSY, LOCK_FILE, WorkspaceBusy, status, workspace_lock
+from neu_model.core.paths import LOCK_FILE, ROOT
+from neu_model.ops.dvc_rwlock import clear_stale_dvc_rwlock
+from neu_model.ops.workspace_lock import EXIT_BUSY, WorkspaceBusy, status, workspace_lock
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 # A holder that takes the lock in its own process and keeps it until its stdin closes.
-HOLDER = ("import sys\nfrom neu_model.workspace_lock import workspace_lock\n"
+HOLDER = ("import sys\nfrom neu_model.ops.workspace_lock import workspace_lock\n"
           "with workspace_lock(sys.argv[1]):\n    print('held', flush=True)\n    sys.stdin.read()\n")
 
 
@@ -30,7 +30,7 @@ def root(tmp_path) -> Path:
 
 
 def lock_cli(root: Path, *args: str, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "neu_model.workspace_lock", "run", "--root", str(root), *args],
+    return subprocess.Popen([sys.executable, "-m", "neu_model.ops.workspace_lock", "run", "--root", str(root), *args],
                             env=ENV, text=True, **popen)
 
 
@@ -64,7 +64,7 @@ def alive(pid: int) -> bool:
 def test_second_run_is_refused_naming_the_holder_and_signals_reach_the_command(root, sig):
     holder = lock_cli(root, "--", "sleep", "60")
     child = record(root, "child")["child"]
-    second = subprocess.run([sys.executable, "-m", "neu_model.workspace_lock", "run", "--root", str(root), "--",
+    second = subprocess.run([sys.executable, "-m", "neu_model.ops.workspace_lock", "run", "--root", str(root), "--",
                              "true"], env=ENV, capture_output=True, text=True, timeout=60, check=False)
     assert second.returncode == EXIT_BUSY
     lines = second.stderr.strip().splitlines()
@@ -144,7 +144,7 @@ def test_status_names_the_holder_without_taking_the_lock(root):
 
 
 def test_command_under_run_takes_the_lock_again_without_blocking(root):
-    nested = ("import sys\nfrom neu_model.workspace_lock import workspace_lock\n"
+    nested = ("import sys\nfrom neu_model.ops.workspace_lock import workspace_lock\n"
               "with workspace_lock(sys.argv[1]) as held:\n    print('nested', held.holder.child)\n")
     proc = lock_cli(root, "--", sys.executable, "-c", nested, str(root), stdout=subprocess.PIPE)
     out, _ = proc.communicate(timeout=60)

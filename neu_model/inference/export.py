@@ -1,0 +1,226 @@
+"""Stage ``export``: the trained model as ONNX, checked in ONNX Runtime and OpenVINO.
+
+Writes ``models/model.onnx`` with the registered model's contract: float32 (N, 1, 200, 200)
+grayscale in [0, 1] in (any N), (N, 6) probabilities in class order Cr, In, Pa, PS, RS, Sc out;
+the input stem (trimmed mean, detrending, standardisation), the softmax and, with ``inference.mirror``,
+the mirror averaging are inside the graph. ``models/model.int8.onnx`` is its statically quantised
+twin, calibrated on ``export.calibration_images`` training images. Every variant
+(``neu_model.inference.runtimes.VARIANTS``) is run on the test images, clean and under the corruption suite,
+and compared with PyTorch; the figures and which variants are offered go to ``reports/export.json``
+(a DVC metrics file; the register stage logs them into the MLflow run as ``export_*`` metrics):
+
+- fp32 (ONNX Runtime, OpenVINO): kept when every test prediction is PyTorch's and no
+  probability differs by more than ``export.tolerance``;
+- bf16 and int8: kept when the test accuracy is within ``export.max_accuracy_images`` images of
+  PyTorch's and the suite's mean accuracy within ``export.max_robustness_points`` points.
+
+Mirror averaging follows ``inference.mirror``. The settings come from params.yaml (``--set``
+overrides them, as in every stage); the options below override them for one run.
+
+    python -m neu_model.inference.export [--set export.tolerance=2e-4] [--mirror | --no-mirror]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from neu_model.core import paths
+from neu_model.core.config import add_config_args, load_config
+from neu_model.core.files import sha256_file, write_json
+from neu_model.core.paths import IMAGE_DIR, SPLIT_FILE
+from neu_model.core.stage import StageError, run_stage
+from neu_model.data import corruptions
+from neu_model.data.dataset import ImageSet, load_split, to_float
+from neu_model.inference import runtimes
+from neu_model.inference.onnx_graphs import OPSET, export_onnx, native_pooling, quantize_int8
+from neu_model.inference.predictors import Predictor, predict_batched
+from neu_model.inference.torch_model import TorchPredictor, load_torch_model, probability_model
+
+log = logging.getLogger("neu_model.inference.export")
+
+REPORT_FILE = paths.EXPORT_REPORT
+REDUCED = ("bf16", "int8")
+
+
+def suite_predictions(predictors: dict[str, Predictor], images: torch.Tensor,
+                      batch_size: int) -> dict[str, list[np.ndarray]]:
+    """Each predictor's probabilities on every case of the corruption suite, as evaluate builds it
+    (corrupted, then rounded back to uint8 like a camera's pixels)."""
+    clean = to_float(images)
+    out: dict[str, list[np.ndarray]] = {name: [] for name in predictors}
+    for name, (_, severities) in corruptions.SUITE.items():
+        for severity in severities:
+            corrupted = to_float((corruptions.corrupt(clean, name, severity) * 255).round().to(torch.uint8))
+            for variant, predictor in predictors.items():
+                out[variant].append(predict_batched(predictor.predict, corrupted.numpy(), batch_size))
+    return out
+
+
+def variant_figures(probs: np.ndarray, suite: list[np.ndarray], reference: np.ndarray,
+                    reference_suite: list[np.ndarray], labels: np.ndarray) -> dict:
+    """Agreement with the reference (clean and under the suite), accuracy and suite mean accuracy."""
+    return {
+        "changed_predictions": int((probs.argmax(1) != reference.argmax(1)).sum()),
+        "suite_changed_predictions": int(sum((p.argmax(1) != r.argmax(1)).sum()
+                                             for p, r in zip(suite, reference_suite, strict=False))),
+        "max_prob_diff": float(np.abs(probs - reference).max()),
+        "accuracy": round(float((probs.argmax(1) == labels).mean()), 6),
+        "errors": int((probs.argmax(1) != labels).sum()),
+        "robustness_mean": round(float(np.mean([(p.argmax(1) == labels).mean() for p in suite])), 6),
+    }
+
+
+def verdict(name: str, figures: dict, reference: dict, args: argparse.Namespace) -> tuple[bool, str]:
+    """Whether variant ``name`` is offered, and why (or why not)."""
+    if runtimes.VARIANTS[name].precision not in REDUCED:
+        if figures["changed_predictions"] or figures["max_prob_diff"] > args.tolerance:
+            return False, (f"parity failed: {figures['changed_predictions']} changed predictions, largest "
+                           f"probability difference {figures['max_prob_diff']:.2g} (tolerance {args.tolerance:g})")
+        return True, f"parity: same predictions, probabilities within {args.tolerance:g}"
+    extra_errors = abs(figures["errors"] - reference["errors"])
+    robustness_points = 100 * abs(figures["robustness_mean"] - reference["robustness_mean"])
+    if extra_errors > args.max_accuracy_images or robustness_points > args.max_robustness_points:
+        return False, (f"{extra_errors} test images apart from fp32 (at most {args.max_accuracy_images}), suite "
+                       f"mean {robustness_points:.2f} points apart (at most {args.max_robustness_points:g})")
+    return True, (f"within {args.max_accuracy_images} test image(s) and {args.max_robustness_points:g} suite "
+                  f"points of fp32")
+
+
+def unsupported(name: str) -> str | None:
+    """Why this machine cannot judge variant ``name``, or None."""
+    variant = runtimes.VARIANTS[name]
+    if variant.runtime == "openvino" and variant.precision == "bf16" and not runtimes.openvino_supports("bf16"):
+        return "this CPU has no bf16 instructions (OpenVINO would silently run fp32)"
+    return None
+
+
+def load_data(split_file: Path, image_dir: Path, split: str) -> ImageSet:
+    data = load_split(split, split_file, image_dir)
+    if not len(data):
+        raise StageError(f"{split_file}: no {split} images; run the split stage (dvc repro split)")
+    return data
+
+
+def calibration_images(split_file: Path, image_dir: Path, count: int, seed: int = 0) -> np.ndarray:
+    """``count`` training images, a seeded sample (the test images stay unseen)."""
+    train = load_data(split_file, image_dir, "train")
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    return to_float(train.images[pick]).numpy()
+
+
+def write_graphs(net: nn.Module, args: argparse.Namespace, image_size: int) -> tuple[Path, Path]:
+    """Export ``net`` (loaded from ``args.model``) to ONNX and quantise it; returns the fp32 and int8 files."""
+    onnx_file, int8_file = args.out_dir / paths.ONNX_FILE, args.out_dir / paths.INT8_FILE
+    metadata = {"mirror": str(args.mirror).lower(), "source_sha256": sha256_file(args.model)}
+    graph = probability_model(native_pooling(copy.deepcopy(net)), args.mirror)
+    export_onnx(graph, onnx_file, image_size, metadata)
+    quantize_int8(onnx_file, int8_file, calibration_images(args.split, args.images, args.calibration_images))
+    log.info("wrote %s and %s", onnx_file, int8_file)
+    return onnx_file, int8_file
+
+
+def timed_predictions(predictor: Predictor, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, float]:
+    """Probabilities for ``images`` and the images/s of that pass (after a warm-up call that
+    compiles shapes and starts thread pools)."""
+    predictor.predict(images[:batch_size])
+    start = time.perf_counter()
+    probs = predict_batched(predictor.predict, images, batch_size)
+    return probs, round(len(images) / (time.perf_counter() - start), 1)
+
+
+def export(args: argparse.Namespace) -> dict:
+    """Export, quantise, compare every variant with PyTorch; write and return the report."""
+    net = load_torch_model(args.model)[0]
+    test = load_data(args.split, args.images, "test")
+    onnx_file, int8_file = write_graphs(net, args, test.images.shape[-1])
+    predictors = {"torch": TorchPredictor(net, mirror=args.mirror)}
+    entries = {}
+    for name, variant in runtimes.VARIANTS.items():
+        reason = None if name == "torch" else unsupported(name)
+        if reason:
+            entries[name] = {"runtime": variant.runtime, "file": variant.file, "precision": variant.precision,
+                             "kept": False, "reason": reason}
+        elif name != "torch":
+            predictors[name] = runtimes.variant_predictor(name, args.out_dir)
+    images, labels = to_float(test.images).numpy(), test.labels.numpy()
+    clean = {name: timed_predictions(predictor, images, args.batch_size) for name, predictor in predictors.items()}
+    suite = suite_predictions(predictors, test.images, args.batch_size)
+    reference = variant_figures(clean["torch"][0], suite["torch"], clean["torch"][0], suite["torch"], labels)
+    for name in list(predictors)[1:]:
+        figures = variant_figures(clean[name][0], suite[name], clean["torch"][0], suite["torch"], labels)
+        kept, reason = verdict(name, figures, reference, args)
+        variant = runtimes.VARIANTS[name]
+        entries[name] = {"runtime": variant.runtime, "file": variant.file, "precision": variant.precision,
+                         **figures, "images_per_second": clean[name][1], "kept": kept, "reason": reason}
+        log.info("%-14s %s: %s", name, "kept" if kept else "dropped", reason)
+    report = {"onnx_file": str(onnx_file), "int8_file": str(int8_file), "mirror": args.mirror,
+              # what the register stage checks before it logs the files with a version
+              "model_sha256": sha256_file(args.model), "onnx_sha256": sha256_file(onnx_file),
+              "int8_sha256": sha256_file(int8_file),
+              "exporter": f"torch {torch.__version__.split('+')[0]} torch.onnx dynamo, opset {OPSET}",
+              "n_test": len(test), "tolerance": args.tolerance,
+              "reference": {"runtime": "torch", **{k: reference[k] for k in ("accuracy", "errors", "robustness_mean")},
+                            "images_per_second": clean["torch"][1]},
+              "variants": {name: entries[name] for name in runtimes.VARIANTS if name in entries},
+              "offered": runtimes.offered({"variants": entries})}
+    write_json(args.report, report)
+    return report
+
+
+# Options that override params.yaml's export section for one run: flag, key, type, help.
+OVERRIDES = [("--tolerance", "tolerance", float, "largest probability difference of an fp32 variant"),
+             ("--max-accuracy-images", "max_accuracy_images", int, "bf16 / int8: test images apart from fp32"),
+             ("--max-robustness-points", "max_robustness_points", float,
+              "bf16 / int8: corruption-suite mean accuracy apart from fp32, in points"),
+             ("--calibration-images", "calibration_images", int, "training images that calibrate int8"),
+             ("--batch-size", "batch_size", int, "images per call into a runtime")]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--model", type=Path, default=paths.MODELS_DIR / paths.TORCH_FILE)
+    parser.add_argument("--split", type=Path, default=SPLIT_FILE)
+    parser.add_argument("--images", type=Path, default=IMAGE_DIR)
+    parser.add_argument("--out-dir", type=Path, default=paths.MODELS_DIR,
+                        help="where model.onnx and model.int8.onnx go")
+    parser.add_argument("--report", type=Path, default=REPORT_FILE)
+    parser.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
+                        help="average each image with its mirror image, in the graph (default: inference.mirror)")
+    for flag, key, kind, text in OVERRIDES:
+        parser.add_argument(flag, type=kind, default=None, help=f"{text} (default: export.{key})")
+    return parser
+
+
+def resolve_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line with every unset option taken from params.yaml (and its ``--set`` overrides)."""
+    args = get_args_parser().parse_args(argv)
+    cfg = load_config(args.params, args.overrides)
+    args.mirror = cfg.inference.mirror if args.mirror is None else args.mirror
+    for _, key, _, _ in OVERRIDES:
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(cfg.export, key))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = resolve_args(argv)
+    if not Path(args.model).is_file():  # before reading any image: the cheap check first
+        raise StageError(f"{args.model}: no trained model; run the pipeline first (make pipeline)")
+    report = export(args)
+    log.info("offered: %s (mirror %s); figures in %s", ", ".join(report["offered"]) or "none",
+             "on" if args.mirror else "off", args.report)
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(main))

@@ -1,0 +1,5 @@
+"""The ``train`` stage: ``train`` (the loop), ``augment``, ``distributed`` (DDP under
+torchrun), ``packed`` (memory-mapped training images).
+
+May import: ``core``, ``data``, ``model``, ``inference``, ``registry``, ``evaluation`` (figures).
+"""

@@ -42,7 +42,8 @@ def test_stage_deps_list_exactly_the_modules_it_imports(stage):
     module, deps = STAGES[stage]
     files = modules()
     assert module in files, f"dvc.yaml stage {stage} runs {module}, which is no file in neu_model/"
-    needed = {files[m].relative_to(ROOT).as_posix() for m in closure(module, graph())}
+    # a package's __init__.py holds its docstring alone (tests/test_layers.py): no stage depends on it
+    needed = {files[m].relative_to(ROOT).as_posix() for m in closure(module, graph()) if files[m].name != "__init__.py"}
     listed = {d for d in deps if re.fullmatch(r"neu_model/[\w/]+\.py", d)}
     missing, stale = sorted(needed - listed), sorted(listed - needed)
     assert not missing and not stale, (f"dvc.yaml stage {stage}: add to deps {missing}; "

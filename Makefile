@@ -46,7 +46,7 @@ install: $(STAMP)
 LOCKED := $(PY) -m neu_model.ops.workspace_lock run$(if $(WAIT), --wait) --
 pipeline: $(STAMP)
 	$(LOCKED) $(SHELL) -c '$(PY) -m neu_model.ops.run_params restore && $(BIN)/dvc repro'
-	$(BIN)/dvc metrics show
+	$(PY) -m neu_model.ops.summary
 
 # Prefect: no server needed (a temporary one starts), or PREFECT_API_URL's; state in .prefect/ (prefect.toml).
 retrain: $(STAMP)

@@ -81,16 +81,16 @@ def _run(root: str, run_overrides: list[str], data_source: str | None, retry_bac
     """The stages in order, under the workspace lock; then the summary."""
     logger = get_run_logger()
     # ran["source"]: whether the source stage found new data (DVC runs that stage every time).
-    ran = dict.fromkeys(orchestrate.STAGES, False)
+    pipeline = orchestrate.pipeline_stages(root)  # dvc.yaml's stages, in its order
+    ran = {stage.name: False for stage in pipeline}
     changed = []
     backoff = {"retry_delay_seconds": exponential_backoff(retry_backoff_seconds)}
-    steps = [stages.source, stages.download, stages.boxes, stages.split, stages.train, stages.evaluate, stages.export,
-             stages.register.with_options(**backoff)]
+    steps = [stages.stage_task(stage, **(backoff if stage.name in stages.RETRIED else {})) for stage in pipeline]
     try:
         changed = run_params.apply(root, run_overrides, logger.warning)  # refused here: nothing has run yet
         logger.info("params for this run: %s", ", ".join(run_overrides) or "params.yaml as it is")
-        for name, step in zip(orchestrate.STAGES, steps, strict=True):
-            ran[name] = step(root, data_source)
+        for stage, step in zip(pipeline, steps, strict=True):
+            ran[stage.name] = step(root, stage, data_source)
     except Exception as exc:
         # A failed run leaves its summary too: which stage, and what the workspace holds now.
         try:

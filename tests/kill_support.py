@@ -1,8 +1,8 @@
 """Real processes to kill at chosen moments: output watched line by line, the whole tree killed.
 
-A moment is chosen by a line the process prints (``NEU_PAUSE_AT=<point>`` makes a stage print
-``NEU_PAUSE_AT reached: <point>`` and wait there, see ``neu_model.core.files.pause_point``) or by a
-file the test polls for, never by a sleep.
+A moment is chosen by a line the process prints (``NEU_PAUSE_AT=<point>`` with
+``tests/pause_hooks`` on PYTHONPATH makes a stage print ``NEU_PAUSE_AT reached: <point>`` and
+wait there, see ``pause_hooks/sitecustomize.py``) or by a file the test polls for, never by a sleep.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Callable, Sequence
 
 import psutil
 
-from neu_model.core.files import PAUSE_ENV
-
 from conftest import FIXTURE_IMAGES
 
+PAUSE_ENV = "NEU_PAUSE_AT"
+PAUSE_HOOKS = Path(__file__).parent / "pause_hooks"  # its sitecustomize.py installs the pause points
 TIMEOUT = 600  # seconds to wait for a moment: generous, a loaded 2-core machine is slow
 
 
@@ -36,7 +36,9 @@ class Watched:
     """A command in its own session whose merged output is collected line by line as it comes."""
 
     def __init__(self, cmd: Sequence[str], cwd: Path, env: dict[str, str], pause_at: str | None = None):
-        env = env | ({PAUSE_ENV: pause_at} if pause_at else {})
+        if pause_at:
+            path = os.pathsep.join(p for p in (str(PAUSE_HOOKS), env.get("PYTHONPATH", "")) if p)
+            env = env | {PAUSE_ENV: pause_at, "PYTHONPATH": path}
         self.cmd = list(cmd)
         self.proc = subprocess.Popen(self.cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, start_new_session=True)

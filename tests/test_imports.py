@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from import_graph import cycles, graph
 
+
 def test_no_import_cycle_in_neu_model():
     found = cycles(graph())
     assert not found, "import cycles: " + "; ".join(" -> ".join(cycle) for cycle in found)

@@ -9,7 +9,8 @@ from torch import nn
 
 from neu_model.core.stage import StageError
 from neu_model.data.dataset import to_float
-from neu_model.inference.torch_model import load_torch_model, predict_logits, pyfunc_probabilities, select_device
+from neu_model.inference.predictors import predict_batched, probabilities
+from neu_model.inference.torch_model import TorchPredictor, load_torch_model, predict_logits, select_device
 from neu_model.model.networks import build_model
 
 
@@ -80,11 +81,33 @@ class Constant:
         return np.full((len(data), self.columns), 1 / self.columns)
 
 
-def test_pyfunc_probabilities_checks_the_answer():
-    probs = pyfunc_probabilities(Constant(6), _images(3))
-    assert probs.dtype == torch.float32 and probs.shape == (3, 6)
+def test_probabilities_checks_the_answer():
+    probs = probabilities(Constant(6), to_float(_images(3)).numpy())
+    assert probs.dtype == np.float32 and probs.shape == (3, 6)
     with pytest.raises(StageError, match=r"returned shape \(3, 5\), expected \(3, 6\)"):
-        pyfunc_probabilities(Constant(5), _images(3))
+        probabilities(Constant(5), to_float(_images(3)).numpy())
+
+
+def test_predict_batched_keeps_order_and_type_and_answers_empty_input():
+    items = np.arange(10, dtype=np.float32).reshape(10, 1)
+    out = predict_batched(lambda part: np.repeat(part, 6, axis=1), items, batch_size=3)
+    assert out.shape == (10, 6) and (out[:, 0] == np.arange(10)).all()
+    tensors = predict_batched(lambda part: torch.as_tensor(part).repeat(1, 6), items, batch_size=4)
+    assert isinstance(tensors, torch.Tensor) and tensors.shape == (10, 6)
+    assert predict_batched(lambda part: part, items[:0]).shape == (0, 6)
+
+
+def test_the_torch_predictor_is_softmax_of_the_network_and_mirror_averages(tmp_path):
+    torch.manual_seed(0)
+    net = build_model("defectnet").eval()
+    x = to_float(_images(4)).numpy()
+    with torch.no_grad():
+        plain = net(torch.from_numpy(x)).softmax(1).numpy()
+        flipped = net(torch.from_numpy(x[..., ::-1].copy())).softmax(1).numpy()
+    np.testing.assert_allclose(TorchPredictor(net).predict(x), plain, atol=1e-5)
+    np.testing.assert_allclose(TorchPredictor(net, mirror=True).predict(x), (plain + flipped) / 2, atol=1e-5)
+    with pytest.raises(ValueError, match="expected float32"):
+        TorchPredictor(net).predict(x[:, 0])
 
 
 def test_device_selection():

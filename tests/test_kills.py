@@ -3,7 +3,7 @@
 One fixture-sized project (2 epochs) goes through ``dvc repro`` once; then a new image arrives
 at the data source and each stage is killed on its way to the new version, in pipeline order:
 after each kill the old output must be intact, after the rerun the new one complete. The
-moments come from ``NEU_PAUSE_AT`` (``neu_model.core.files.pause_point``) or from files the test
+moments come from ``NEU_PAUSE_AT`` (``tests/pause_hooks``) or from files the test
 watches, never from sleeps. ``pytest -s`` prints the table of outcomes (docs/reliability.md).
 """
 
@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import yaml
 from mlflow import MlflowClient
 
 from neu_model.core.paths import ROOT
@@ -35,6 +36,7 @@ pytestmark = pytest.mark.slow
 DVC = str(Path(sys.executable).parent / "dvc")
 NAME = "neu-defect-classifier"
 OUTCOMES: list[tuple[str, str, str]] = []
+STAGE_COMMANDS = {name: spec["cmd"] for name, spec in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items()}
 
 
 class Project:
@@ -44,7 +46,8 @@ class Project:
         self.root, self.source, self.env = root, source, project_env(root, source)
 
     def stage(self, name: str, pause_at: str | None = None) -> Watched:
-        done = run([sys.executable, "-m", f"neu_model.{name}"], self.root, self.env, pause_at)
+        module = STAGE_COMMANDS[name].split()[-1]  # dvc.yaml's `python -m neu_model....`
+        done = run([sys.executable, "-m", module], self.root, self.env, pause_at)
         assert pause_at or done.proc.returncode == 0, done.output
         return done
 

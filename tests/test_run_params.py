@@ -63,7 +63,7 @@ def test_a_bad_override_writes_nothing(project, override, named):
 
 # Every point of apply and restore at which a SIGKILL can land: the record being renamed into
 # place, written, params.yaml being renamed into place, written.
-KILL_POINTS = ["rename:flow-params.json", "params:recorded", "rename:params.yaml", "params:applied"]
+KILL_POINTS = ["rename:flow-params.json", "renamed:flow-params.json", "rename:params.yaml", "renamed:params.yaml"]
 
 
 @pytest.mark.parametrize("point", KILL_POINTS)
@@ -71,12 +71,12 @@ def test_sigkill_while_applying_is_undone_by_the_next_start(project, point):
     original = (project / "params.yaml").read_text()
     env = project_env(project) | {"PYTHONPATH": str(ROOT)}
     run([sys.executable, "-c", APPLY, str(project), EPOCHS], project, env, pause_at=point)
-    assert ("epochs: 7" in (project / "params.yaml").read_text()) == (point == "params:applied")
+    assert ("epochs: 7" in (project / "params.yaml").read_text()) == (point == "renamed:params.yaml")
     restore = run([sys.executable, "-m", "neu_model.ops.run_params", "restore"], project, env)
     assert restore.proc.returncode == 0, restore.output
     assert (project / "params.yaml").read_text() == original
     assert not (project / paths.RUN_PARAMS_RECORD).exists()
-    if point == "params:applied":
+    if point == "renamed:params.yaml":
         assert f"undid the overrides ({EPOCHS}) of the run started" in restore.output
     # The next write of the same file removes the temporary the killed writer left.
     run_params.apply(project, ["seed=1"])

@@ -4,9 +4,7 @@ A killed run therefore leaves either the previous good file or the new complete 
 temporary name carries the writer's pid (``.model.pt.<pid>.<random>.tmp``): the next write of
 the same file removes what a writer that died left behind.
 
-``pause_point`` is a test hook: with ``NEU_PAUSE_AT=<point>`` a process stops at that point
-(printing ``NEU_PAUSE_AT reached: <point>``) so that a test can kill it exactly there
-(tests/test_kills.py). Unset, it does nothing.
+Tests kill writers exactly before and after these renames (``tests/pause_hooks``).
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ import re
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -31,22 +28,7 @@ from neu_model.core.stage import StageError
 if TYPE_CHECKING:  # pandas is not imported here: the stages that write no table need not load it
     import pandas as pd
 
-PAUSE_ENV = "NEU_PAUSE_AT"
-PAUSE_SECONDS = 600.0
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
-def pause_point(name: str) -> None:
-    """Test hook: when ``NEU_PAUSE_AT`` is ``name``, say so on stderr and wait to be killed.
-
-    Points: ``rename:<file name>`` (atomic_path: the temporary is complete, not yet renamed),
-    ``swap:<folder>`` and ``swapped:<folder>`` (replace_dir), ``params:recorded`` and
-    ``params:applied`` (neu_model.ops.run_params), ``register:version-created`` and
-    ``register:before-champion`` (neu_model.registry.register).
-    """
-    if os.environ.get(PAUSE_ENV) == name:
-        print(f"{PAUSE_ENV} reached: {name} (pid {os.getpid()})", file=sys.stderr, flush=True)
-        time.sleep(PAUSE_SECONDS)
 
 
 def _alive(pid: int) -> bool:
@@ -86,7 +68,6 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     os.chmod(tmp_path, 0o666 & ~_umask())
     try:
         yield tmp_path
-        pause_point(f"rename:{path.name}")
         os.replace(tmp_path, path)
     except OSError as exc:
         if exc.errno in DISK_FULL:
@@ -161,9 +142,7 @@ def replace_dir(new: Path, target: Path) -> None:
     if old.exists():
         shutil.rmtree(old)
     if target.exists():
-        pause_point(f"swap:{target.name}")
         if _exchange(Path(new), target):
-            pause_point(f"swapped:{target.name}")
             shutil.rmtree(new)  # the old folder, now under the new one's name
             return
         os.replace(target, old)

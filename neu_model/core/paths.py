@@ -10,7 +10,8 @@ PARAMS_FILE = ROOT / "params.yaml"
 DVC_FILE = ROOT / "dvc.yaml"
 
 # data/: the source stage's fingerprint, the images, the boxes, the split
-SOURCE_FILE = Path("data/source.json")
+SOURCE_FILE = Path("data/source.json")  # fingerprint of the images' source
+BOXES_SOURCE_FILE = Path("data/boxes_source.json")  # fingerprint of the boxes' source
 RAW_DIR = Path("data/raw")
 IMAGE_DIR = RAW_DIR / "NEU-CLS"
 MANIFEST = RAW_DIR / "manifest.csv"

@@ -7,11 +7,12 @@ local archive, a folder of Pascal VOC files or a box CSV such as ``NEU-DET-boxes
 (``neu_model.data.neu_det.read_boxes``). ``data/boxes.csv`` holds one row a box, ``read_boxes``'s
 normalised table; with no source it holds the header alone and evaluate skips the figures.
 
-An environment variable is invisible to DVC, so dvc.yaml runs this stage on every ``dvc repro``
-(``always_changed``), as it does the source stage. The file is rewritten only when its content
-changed (its modification time is kept otherwise), so evaluate reruns only on a real change. A
-URL is downloaded again on every run, into a temporary folder that is removed afterwards: a new
-file behind the same URL is noticed. Credentials in a URL are never shown (``neu_model.core.redact``).
+The source stage fingerprints the box source on every ``dvc repro`` (an environment variable
+is invisible to DVC) into ``data/boxes_source.json``; this stage depends on that file, so it runs
+when the boxes changed. ``data/boxes.csv`` is rewritten only when its content changed
+(its modification time is kept otherwise), so evaluate reruns only on a real change. A URL is
+downloaded into a temporary folder that is removed afterwards. Credentials in a URL are never
+shown (``neu_model.core.redact``).
 
     python -m neu_model.data.boxes [--out data/boxes.csv]
 """

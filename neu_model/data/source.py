@@ -1,10 +1,12 @@
-"""The ``source`` stage: fingerprint the data source so that ``dvc repro`` notices new images.
+"""The ``source`` stage: fingerprint the data and box sources so that ``dvc repro`` notices new ones.
 
-The source (``data.source`` or ``NEU_DATA_SOURCE``) lives outside the repository and may be
-chosen by an environment variable, which DVC cannot see, so dvc.yaml runs this stage on
-every ``dvc repro`` (``always_changed``). It writes ``data/source.json`` only when the
-fingerprint changed; the download stage depends on that file, so DVC runs the download, and
-everything after it, exactly when there is something new at the source.
+The images (``data.source`` or ``NEU_DATA_SOURCE``) and NEU-DET's boxes (``data.boxes`` or
+``NEU_BOXES_SOURCE``) live outside the repository and may be chosen by an environment
+variable, which DVC cannot see, so dvc.yaml runs this stage on every ``dvc repro``
+(``always_changed``): the one process a no-op ``dvc repro`` starts. It writes
+``data/source.json`` (the images) and ``data/boxes_source.json`` (the boxes) only when their
+fingerprint changed; the download stage depends on the first and the boxes stage on the
+second, so DVC runs each, and everything after it, exactly when there is something new.
 
 - A folder or archive: a hash of every byte (and file name) in it.
 - An http(s) URL: what the server says about the content (``ETag``, ``Last-Modified``,
@@ -37,7 +39,7 @@ from typing import Sequence
 
 from neu_model.core.config import add_config_args, load_config
 from neu_model.core.files import write_json
-from neu_model.core.paths import SOURCE_FILE
+from neu_model.core.paths import BOXES_SOURCE_FILE, SOURCE_FILE
 from neu_model.core.redact import redact_url as redact  # the one implementation: credentials and signed-URL secrets
 from neu_model.core.stage import StageError, run_stage
 
@@ -57,7 +59,7 @@ def is_url(source: str) -> bool:
     return re.match(r"^https?://", source, re.IGNORECASE) is not None
 
 
-def folder_fingerprint(source: str) -> dict[str, str]:
+def folder_fingerprint(source: str, setting: str = "data.source in params.yaml or NEU_DATA_SOURCE") -> dict[str, str]:
     """A content hash of a local folder or archive.
 
     Hashing every byte of a 74 MB folder takes well under a second, and unlike modification
@@ -65,7 +67,7 @@ def folder_fingerprint(source: str) -> dict[str, str]:
     """
     path = Path(source).expanduser()
     if not path.exists():
-        raise StageError(f"{source}: data source not found; set data.source in params.yaml or NEU_DATA_SOURCE")
+        raise StageError(f"{source}: not found; fix {setting}")
     digest = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
@@ -175,7 +177,8 @@ def url_fingerprint(url: str, previous: dict | None, timeout: float = PROBE_TIME
     return {"source": shown, **answer}
 
 
-def fingerprint(source: str, previous: dict | None = None, timeout: float = PROBE_TIMEOUT) -> dict[str, str]:
+def fingerprint(source: str, previous: dict | None = None, timeout: float = PROBE_TIMEOUT,
+                setting: str = "data.source in params.yaml or NEU_DATA_SOURCE") -> dict[str, str]:
     """What data/source.json should hold for ``source`` now.
 
     Raises:
@@ -185,16 +188,18 @@ def fingerprint(source: str, previous: dict | None = None, timeout: float = PROB
         return url_fingerprint(source, previous, timeout)
     if "://" in source:
         raise StageError(f"{redact(source)}: unsupported URL scheme; use http(s)://, a local archive or a folder")
-    return folder_fingerprint(source)
+    return folder_fingerprint(source, setting)
 
 
-def record_source(source: str, out: Path = SOURCE_FILE, timeout: float = PROBE_TIMEOUT) -> bool:
+def record_source(source: str | None, out: Path = SOURCE_FILE, timeout: float = PROBE_TIMEOUT,
+                  setting: str = "data.source in params.yaml or NEU_DATA_SOURCE") -> bool:
     """Write ``out`` if the fingerprint of ``source`` changed; returns whether it did.
 
-    An unchanged fingerprint leaves the file untouched, modification time included.
+    An unchanged fingerprint leaves the file untouched, modification time included. No source
+    (no boxes) is a fingerprint too: ``{"source": null}``.
     """
     previous = _previous(out)
-    record = fingerprint(source, previous, timeout)
+    record = fingerprint(source, previous, timeout, setting) if source else {"source": None}
     if record == previous:
         return False
     write_json(out, record)
@@ -205,6 +210,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     parser.add_argument("--out", type=Path, default=SOURCE_FILE)
+    parser.add_argument("--boxes-out", type=Path, default=BOXES_SOURCE_FILE)
     parser.add_argument("--timeout", type=float, default=PROBE_TIMEOUT,
                         help=f"seconds to wait for a URL's server (default {PROBE_TIMEOUT:g})")
     return parser
@@ -212,10 +218,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
-    source = load_config(args.params, args.overrides).data.source
-    changed = record_source(source, args.out, args.timeout)
-    log.info("data source %s: %s", redact(source),
+    data = load_config(args.params, args.overrides).data
+    changed = record_source(data.source, args.out, args.timeout)
+    log.info("data source %s: %s", redact(data.source),
              "changed, the download stage will run" if changed else "unchanged")
+    boxes_changed = record_source(data.boxes, args.boxes_out, args.timeout,
+                                  "data.boxes in params.yaml or NEU_BOXES_SOURCE")
+    log.info("box source %s: %s", redact(data.boxes or "none"),
+             "changed, the boxes stage will run" if boxes_changed else "unchanged")
 
 
 if __name__ == "__main__":

@@ -18,20 +18,18 @@ import signal
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from neu_model.core import provenance
 from neu_model.core.config import DATA_SOURCE_ENV, ConfigError
-from neu_model.core.paths import SOURCE_FILE
+from neu_model.core.paths import DVC_FILE, ROOT, SOURCE_FILE
 from neu_model.core.redact import redact_url
 from neu_model.core.stage import TELEMETRY_OFF, StageError
 from neu_model.core.store import default_tracking_uri
 from neu_model.ops.workspace_lock import HeldLock, workspace_lock
 
-STAGES = ("source", "download", "boxes", "split", "train", "evaluate", "export", "register")
-# The source stage's output: rewritten only when there are new images at the source.
-# The boxes stage's output: rewritten only when the boxes changed (evaluate reruns then).
 # Seconds a stage has to end after SIGTERM (its MLflow run is closed) before SIGKILL.
 STOP_GRACE = 15.0
 
@@ -45,6 +43,34 @@ DVC_HINTS = ("To track the changes with git", "git add ", "To enable auto stagin
 
 log = logging.getLogger("neu_model.ops.orchestrate")
 Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class PipelineStage:
+    """One stage of ``dvc.yaml``, as an orchestrator needs it.
+
+    Attributes:
+        always_changed: DVC runs it on every ``dvc repro`` (a fingerprint of something outside the
+            repository); whether it "ran" is then whether its first output changed.
+        record: that output (relative to the project), None for other stages.
+    """
+
+    name: str
+    always_changed: bool = False
+    record: Path | None = None
+
+
+def pipeline_stages(project: Path | str = ROOT) -> list[PipelineStage]:
+    """The stages of ``project``'s ``dvc.yaml``, in its order: the one list of the pipeline."""
+    import yaml
+
+    stages = yaml.safe_load((Path(project) / DVC_FILE.name).read_text())["stages"]
+    found = []
+    for name, spec in stages.items():
+        outs = [next(iter(o)) if isinstance(o, dict) else o for o in spec.get("outs", [])]
+        always = bool(spec.get("always_changed", False))
+        found.append(PipelineStage(name, always, Path(outs[0]) if always and outs else None))
+    return found
 
 
 class StageFailed(RuntimeError):
@@ -194,15 +220,6 @@ def repro(stage: str, project: Path, env: dict[str, str], timeout: float | None,
     return any(f"Running stage '{stage}'" in ln for ln in lines)
 
 
-def repro_source(project: Path, env: dict[str, str], timeout: float | None, log_line: Log) -> bool:
-    """The source stage through ``repro``; returns whether it changed data/source.json (new data).
-
-    DVC runs this stage every time (``always_changed``), so whether it ran says nothing: the
-    file's bytes before and after do.
-    """
-    return repro_changed("source", SOURCE_FILE, project, env, timeout, log_line)
-
-
 def repro_changed(stage: str, record: Path, project: Path, env: dict[str, str], timeout: float | None,
                   log_line: Log) -> bool:
     """A stage DVC runs every time (source, boxes) through ``repro``; returns whether it changed
@@ -258,5 +275,5 @@ def mlflow_run_link(run: dict, ui: str) -> str | None:
     return f"{ui.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
 
 
-__all__ = ["STAGES", "SOURCE_FILE", "StageFailed", "ConfigError", "is_transient", "hold_workspace", "stage_env",
-           "stop_group", "run_logged", "repro", "repro_source", "repro_changed", "run_summary", "mlflow_run_link"]
+__all__ = ["PipelineStage", "pipeline_stages", "SOURCE_FILE", "StageFailed", "ConfigError", "is_transient", "hold_workspace", "stage_env",
+           "stop_group", "run_logged", "repro", "repro_changed", "run_summary", "mlflow_run_link"]

@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 import yaml
 
 from neu_model.core.config import ConfigError, apply_overrides, from_dict
-from neu_model.core.files import pause_point, write_json, write_text
+from neu_model.core.files import write_json, write_text
 from neu_model.core.paths import RUN_PARAMS_RECORD
 from neu_model.core.redact import redact_url
 
@@ -142,9 +142,7 @@ def apply(project: Path | str, overrides: Sequence[str], note: Note = log.warnin
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     write_json(record, {"base": current, "applied": text, "overrides": [redact_url(o) for o in overrides],
                         "pid": os.getpid(), "started": started})
-    pause_point("params:recorded")
     write_text(params, text)
-    pause_point("params:applied")
     return [o for o in overrides if _get(old, o.partition("=")[0]) != _get(raw, o.partition("=")[0])]
 
 

@@ -34,7 +34,6 @@ from neu_model.core.stage import StageError
 from neu_model.ops import orchestrate, run_params
 
 # The stages a trial runs; register is left out on purpose (see the module docstring).
-TRIAL_STAGES = ("source", "download", "boxes", "split", "train", "evaluate")
 FORCED = ("train", "evaluate")  # run even when DVC finds them unchanged: every trial is a training
 PATCH, SOURCE_COPY = "workspace.patch", "source.json"
 Log = Callable[[str], None]
@@ -145,7 +144,7 @@ def run_stages(workspace: Path, overrides: Sequence[str], env: dict[str, str], t
     """
     run_params.apply(workspace, overrides)
     ran = []
-    for stage in TRIAL_STAGES:
+    for stage in trial_stages(workspace):
         if stage in FORCED:
             cmd = [dvc_bin(), "repro", "--single-item", "--force", stage]
             orchestrate.run_logged(cmd, workspace, env, timeouts.get(stage), _quiet(log), stage)
@@ -155,6 +154,12 @@ def run_stages(workspace: Path, overrides: Sequence[str], env: dict[str, str], t
         if stage == "train" and after_train is not None:
             after_train()
     return ran
+
+
+def trial_stages(workspace: Path) -> list[str]:
+    """The stages of the workspace's ``dvc.yaml`` up to evaluate: a trial exports and registers nothing."""
+    names = [stage.name for stage in orchestrate.pipeline_stages(workspace)]
+    return names[: names.index("evaluate") + 1]
 
 
 def _quiet(log: Log) -> Log:

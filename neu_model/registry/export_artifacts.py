@@ -30,7 +30,7 @@ FIGURES = {"max_prob_diff": "max_diff", "changed_predictions": "changed", "suite
            "images_per_second": "images_per_second", "kept": "kept"}
 
 
-def read_report(report_file: Path, model_sha256: str, mirror: bool, models_dir: Path) -> dict:
+def checked_report(report_file: Path, model_sha256: str, mirror: bool, models_dir: Path) -> dict:
     """The export report, checked to be about this model, this mirror setting and the files in ``models_dir``.
 
     Raises:

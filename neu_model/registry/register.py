@@ -27,7 +27,7 @@ from typing import Sequence
 
 from neu_model.core import paths, provenance
 from neu_model.core.config import Config, add_config_args, load_config
-from neu_model.core.files import pause_point, write_json
+from neu_model.core.files import write_json
 from neu_model.core.paths import (
     EXPORT_REPORT,
     IMAGE_DIR,
@@ -161,7 +161,7 @@ def register(cfg: Config, run_file: Path = paths.RUN_FILE, metrics_file: Path = 
                          f"split of {split_file}; rerun the evaluate stage")
     client, name, mirror = run.client, cfg.register.model_name, cfg.inference.mirror
     accuracy = float(metrics["accuracy"])
-    report = exported.read_report(export_report, run.record["model_sha256"], mirror, models_dir)
+    report = exported.checked_report(export_report, run.record["model_sha256"], mirror, models_dir)
 
     _ensure_registered_model(client, name)
     version = _version_of_run(client, name, run.run_id, mirror)  # a rerun (e.g. after a crash) reuses its version
@@ -174,7 +174,6 @@ def register(cfg: Config, run_file: Path = paths.RUN_FILE, metrics_file: Path = 
         version = client.create_model_version(name, model_uri, run_id=run.run_id, model_id=model_id,
                                               tags={k: str(v) for k, v in tags.items()}, description=CONTRACT)
         log.info("registered %s version %s from run %s", name, version.version, run.run_id)
-        pause_point("register:version-created")  # tests kill here (tests/test_kills.py)
     v = str(version.version)  # MLflow returns ints here and strings elsewhere
     # Before any alias points at the version: a client resolving it finds its files. Every pass:
     # the export may have been judged again (other export.* params) for the same model.
@@ -207,7 +206,6 @@ def register(cfg: Config, run_file: Path = paths.RUN_FILE, metrics_file: Path = 
         client.update_model_version(name, v, description=f"Gate: {headline}\n"
                                     + "".join(f"- {r}\n" for r in reasons) + "\n" + CONTRACT)
         if promote:
-            pause_point("register:before-champion")
             client.set_registered_model_alias(name, CHAMPION, v)
     tags = client.get_model_version(name, v).tags
     if verdict != "rejected" and "promotion.at" not in tags:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from neu_model.core.config import BOXES_SOURCE_ENV, DATA_SOURCE_ENV, Config, load_config
+from neu_model.core.config import BOXES_SOURCE_ENV, DATA_SOURCE_ENV, Config, apply_overrides, load_config
 from neu_model.core.paths import ROOT
 from neu_model.core.stage import disable_telemetry
 
@@ -139,14 +139,7 @@ def make_project(root: Path, *overrides: str) -> Path:
         elif src.exists():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, root / name)
-    raw = yaml.safe_load((root / "params.yaml").read_text())
-    for override in [*TINY, *overrides]:
-        key, _, value = override.partition("=")
-        *parents, leaf = key.split(".")
-        node = raw
-        for p in parents:
-            node = node[p]
-        node[leaf] = yaml.safe_load(value)
+    raw = apply_overrides(yaml.safe_load((root / "params.yaml").read_text()), [*TINY, *overrides])
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     return root

@@ -11,6 +11,7 @@ import pytest
 
 from neu_model.core.config import DATA_SOURCE_ENV, ConfigError, from_dict, load_config, load_raw
 from neu_model.core.paths import ROOT
+from neu_model.core.stage import StageError
 
 from conftest import make_project, run_in_project
 
@@ -82,13 +83,21 @@ def test_arch_is_read_only_with_lists_as_tuples():
 
 @pytest.mark.parametrize("model,key", [("defectnet", "depth"), ("defectnet_res", "full_resolution"),
                                        ("seed_cnn", "dropout")])
-def test_unknown_arch_key_is_refused_naming_the_allowed_ones(model, key):
+def test_unknown_arch_key_is_refused_by_the_train_stage_naming_the_allowed_ones(model, key, tiny_data, tmp_path):
+    """The constructor's signature is the one list of architecture arguments: the train stage
+    refuses a key it does not take, in one line, before any epoch."""
+    from neu_model.training.train import train
+
     raw = load_raw()
+    raw["train"]["model"] = model
     raw["train"]["recipes"][model]["arch"][key] = 1
-    allowed = "none" if model == "seed_cnn" else "widths, dropout, stem"
-    with pytest.raises(ConfigError, match=rf"train.recipes.{model}.arch.{key}: {model} takes no argument "
-                                          rf"'{key}'; allowed: {allowed}"):
-        from_dict(raw)
+    raw["data"]["expected_per_class"] = None
+    cfg = from_dict(raw)  # loading leaves the check to the constructor
+    allowed = "num_classes$" if model == "seed_cnn" else "num_classes, widths, dropout, stem"
+    with pytest.raises(StageError, match=rf"train.recipes.{model}.arch: model '{model}' takes no argument {key}; "
+                                         rf"its arguments are {allowed}"):
+        train(cfg, tiny_data.split, tiny_data.images, tmp_path / "model.pt", tmp_path / "checkpoint.pt",
+              tmp_path / "log.csv", tmp_path / "metrics.json", tiny_data.raw / "manifest.csv")
 
 
 def test_arch_key_missing_from_params_cannot_be_set():

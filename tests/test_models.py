@@ -5,8 +5,8 @@ import inspect
 import pytest
 import torch
 
-from neu_model.core.config import ARCH_KWARGS, CLASSES, load_config
-from neu_model.model.networks import MODELS, build_model, count_macs, count_params, model_kwargs
+from neu_model.core.config import CLASSES, load_config
+from neu_model.model.networks import MODELS, build_model, count_macs, count_params
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -21,10 +21,16 @@ def test_forward_shape_finite_and_trainable(name):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+# Multiply-accumulates of one 200x200 image and trainable parameters of each default architecture,
+# as docs/experiments.md records them; a change to a network changes these on purpose or not at all.
+COSTS = {"defectnet": (14_564_160, 395_454), "defectnet_res": (27_922_176, 274_790),
+         "seed_cnn": (275_447_808, 2_028_806)}
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_cost_is_counted(name):
+def test_cost_is_counted_exactly(name):
     model = build_model(name)
-    assert count_macs(model) > 1e6 and count_params(model) > 1e4
+    assert (count_macs(model), count_params(model)) == COSTS[name]
 
 
 def test_seed_cnn_matches_the_public_baseline():
@@ -43,11 +49,6 @@ def test_unknown_keyword_names_the_allowed_ones():
         build_model("defectnet", depth=3)
     with pytest.raises(ValueError, match="takes no argument widths; its arguments are num_classes$"):
         build_model("seed_cnn", widths=(8, 16))
-
-
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_config_table_lists_each_constructors_arguments(name):
-    assert ARCH_KWARGS[name] == tuple(k for k in model_kwargs(name) if k != "num_classes")
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -149,9 +150,9 @@ def test_max_pool_2x2_equals_native_pooling_with_and_without_autograd(size):
     assert torch.equal(ours.grad, native.grad)
 
 
-def test_defectnet_stays_cheap():
-    model = build_model("defectnet")
-    assert count_macs(model) < 35e6 and count_params(model) < 1e6
+def test_defectnet_widths_scale_its_cost():
+    small = build_model("defectnet", widths=(8, 16, 32, 64))
+    assert count_macs(small) < COSTS["defectnet"][0] and count_params(small) < COSTS["defectnet"][1]
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

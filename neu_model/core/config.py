@@ -34,16 +34,6 @@ FOLDER_CLASSES: dict[str, str] = {"crazing": "Cr", "inclusion": "In", "patches":
                                   "rolled": "RS", "rolled_in_scale": "RS", "scratches": "Sc"}
 
 
-# The constructor keyword arguments of each model of neu_model.model.networks.MODELS that a recipe's
-# ``arch`` may set (num_classes comes from the classes). Kept here so that loading params needs
-# no torch; tests/test_models.py checks it against the constructors.
-ARCH_KWARGS: dict[str, tuple[str, ...]] = {
-    "seed_cnn": (),
-    "defectnet": ("widths", "dropout", "stem", "standardize", "detrend", "standardize_scale", "pool",
-                  "global_pool", "full_resolution"),
-    "defectnet_res": ("widths", "dropout", "stem", "standardize", "detrend", "standardize_scale",
-                      "global_pool", "stem_conv"),
-}
 
 
 @dataclass(frozen=True)
@@ -207,7 +197,6 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
     if not 0 < cfg.split.test_fraction < 1 or not 0 <= cfg.split.val_fraction < 1:
         raise ConfigError("split.test_fraction must be in (0, 1) and split.val_fraction in [0, 1)")
     for name, recipe in cfg.train.recipes.items():
-        _check_arch(name, recipe)
         for key in ("turn_probability", "roll_mark_share"):
             if not 0 <= getattr(recipe, key) <= 1:
                 raise ConfigError(f"train.recipes.{name}.{key}={getattr(recipe, key)} must be a share "
@@ -226,20 +215,6 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
         raise ConfigError(f"export: tolerance must be > 0, max_accuracy_images and max_robustness_points >= 0, "
                           f"calibration_images and batch_size >= 1; got {plain(ex)}")
     return cfg
-
-
-def _check_arch(name: str, recipe: Recipe) -> None:
-    """Refuse an ``arch`` key the model's constructor does not take, before anything is trained."""
-    if not recipe.arch:
-        return
-    if name not in ARCH_KWARGS:
-        raise ConfigError(f"train.recipes.{name}.arch: no model {name!r} with architecture arguments; "
-                          f"models with them: {sorted(ARCH_KWARGS)}")
-    allowed = ARCH_KWARGS[name]
-    for key in recipe.arch:
-        if key not in allowed:
-            raise ConfigError(f"train.recipes.{name}.arch.{key}: {name} takes no argument {key!r}; "
-                              f"allowed: {', '.join(allowed) or 'none (arch: {})'}")
 
 
 def load_raw(path: Path | str = PARAMS_FILE) -> dict[str, Any]:

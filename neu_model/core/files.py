@@ -31,7 +31,8 @@ if TYPE_CHECKING:  # pandas is not imported here: the stages that write no table
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (another user's counts: it cannot be signalled, but it is there)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -46,7 +47,7 @@ def _remove_dead_writers_temporaries(path: Path) -> None:
     own = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[^.]+\.tmp")
     for leftover in path.parent.glob(f".{path.name}.*.tmp"):
         match = own.fullmatch(leftover.name)
-        if match and not _alive(int(match.group(1))):
+        if match and not process_alive(int(match.group(1))):
             leftover.unlink(missing_ok=True)
 
 

@@ -50,7 +50,10 @@ def typed(value: Any, hint: Any, key: str) -> Any:
         hint = next(a for a in args if a is not type(None))
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is tuple and isinstance(value, (list, tuple)):
-        return tuple(typed(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        fixed = len(args) > 1 and args[-1] is not Ellipsis  # tuple[float, float]: exactly two
+        if fixed and len(value) != len(args):
+            raise ConfigError(f"params.yaml: {key}={list(value)!r} must be a list of {len(args)} values")
+        return tuple(typed(v, args[i] if fixed else args[0], f"{key}[{i}]") for i, v in enumerate(value))
     if origin is Mapping and isinstance(value, Mapping):
         return {k: typed(v, args[1], join_key(key, k)) for k, v in value.items()}
     # 1e-3 is a float to YAML 1.2 (what DVC's -S writes) but a string to PyYAML's YAML 1.1.

@@ -17,7 +17,7 @@ split (``benchmarks/bench_locate.py``). Inference code: no training code, MLflow
 from __future__ import annotations
 
 import dataclasses
-import re
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from neu_model.core.config import CLASSES, ConfigError
+from neu_model.core.schema import typed
 from neu_model.localisation.cam import CAM_KINDS, class_maps
 from neu_model.localisation.geometry import boxes_by_file, greedy_matches, iou_matrix, points_inside
 from neu_model.localisation.regions import RegionParams, classical_heat, heat_regions
@@ -79,8 +80,8 @@ def params_from_dict(raw: Mapping) -> LocateParams:
                           f"{', '.join([*MAP_KEYS, *KNOBS, 'classes'])}")
     if not isinstance(per_class, Mapping) or set(per_class) - set(CLASSES):
         raise ConfigError(f"params.yaml: locate.classes {per_class!r}: a section per class code among {list(CLASSES)}")
-    base = LocateParams()
-    top = {key: _checked(raw.pop(key), getattr(base, key), f"locate.{key}") for key in MAP_KEYS if key in raw}
+    hints = typing.get_type_hints(LocateParams)
+    top = {key: typed(raw.pop(key), hints[key], f"locate.{key}") for key in MAP_KEYS if key in raw}
     default = _region(raw, RegionParams(), "locate")
     params = LocateParams(**top, default=default,
                           classes={c: _region(v, default, f"locate.classes.{c}") for c, v in per_class.items()})
@@ -98,37 +99,16 @@ def _region(values: Mapping, base: RegionParams, where: str) -> RegionParams:
     if unknown:
         raise ConfigError(f"params.yaml: unknown key {where}.{unknown[0]}; check the spelling; "
                           f"keys under {where}: {', '.join(KNOBS)}")
-    changes = {k: _checked(v, getattr(base, k), f"{where}.{k}") for k, v in values.items()}
+    hints = typing.get_type_hints(RegionParams)
+    changes = {k: typed(v, hints[k], f"{where}.{k}") for k, v in values.items()}
     try:
         return dataclasses.replace(base, **changes)
     except ValueError as exc:  # RegionParams's own checks: polarity, threshold and keep ranges
         raise ConfigError(f"params.yaml: {where}: {exc}") from None
 
 
-def _checked(value, like, key: str):
-    """``value`` as the type of the default ``like`` (an int passes as a float, a list as a tuple).
-
-    Raises:
-        ConfigError: naming ``key``, the value and the type expected.
-    """
-    def number(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-    if isinstance(like, tuple):
-        if isinstance(value, (list, tuple)) and len(value) == len(like) and all(map(number, value)):
-            return tuple(float(v) for v in value)
-        raise ConfigError(f"params.yaml: {key}={value!r} must be a list of {len(like)} numbers")
-    if isinstance(like, float) and (number(value) or (isinstance(value, str) and _FLOAT.fullmatch(value))):
-        return float(value)  # 1e-3 is a string to PyYAML's YAML 1.1
-    if type(value) is type(like):
-        return value
-    raise ConfigError(f"params.yaml: {key}={value!r} must be {_KINDS[type(like)]}")
-
-
 MAP_KEYS = tuple(f.name for f in dataclasses.fields(LocateParams) if f.name not in ("default", "classes"))
 KNOBS = tuple(f.name for f in dataclasses.fields(RegionParams))  # every class's region knobs
-_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-_KINDS = {int: "an integer", float: "a number", str: "a string"}
 
 
 # Chosen by benchmarks/bench_locate.py --search on the 1,260 train and validation images of the

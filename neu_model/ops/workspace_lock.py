@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from neu_model.core.files import process_alive
 from neu_model.core.paths import LOCK_FILE
 from neu_model.core.redact import redact_url
 from neu_model.core.stage import StageError
@@ -73,7 +74,7 @@ class Holder:
         where = "" if self.host == socket.gethostname() else f" on {self.host}"
         command = self.command if len(self.command) <= 300 else self.command[:297] + "..."
         text = f"pid {self.pid}{where} (started {self.started}: {command})"
-        if self.child and not _alive(self.pid) and where == "":
+        if self.child and not process_alive(self.pid) and where == "":
             text += f", which is gone, but its command still runs as pid {self.child}"
         return text
 
@@ -89,16 +90,6 @@ class HeldLock:
     def record_child(self, pid: int) -> None:
         self.holder.child = pid
         _write(self.fd, self.holder)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _read(fd: int) -> Holder | None:
@@ -250,7 +241,7 @@ def status(root: Path | str = ".") -> str:
         holder = Holder(**json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):
         return f"{path}: free"
-    if _alive(holder.pid) or (holder.child and _alive(holder.child)):
+    if process_alive(holder.pid) or (holder.child and process_alive(holder.child)):
         return f"{path}: held by {holder.describe()}"
     return f"{path}: free (its last holder, {holder.describe()}, ended without releasing it)"
 

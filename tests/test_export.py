@@ -163,15 +163,19 @@ def test_settings_come_from_params_and_options_override_them():
     assert export.resolve_args(["--set", "inference.mirror=true"]).mirror is True
 
 
-def test_fastest_passing_falls_back_to_torch(tmp_path, exported):
+def test_fastest_passing_falls_back_to_torch_and_returns_what_it_timed(tmp_path, exported):
+    from neu_model.inference.torch_model import TorchPredictor
+
     torch.save({"model_name": "defectnet", "state_dict": build_model("defectnet").state_dict()}, tmp_path / "model.pt")
-    assert runtimes.fastest_passing(None, tmp_path) == "torch"
+    name, predictor = runtimes.fastest_passing(None, tmp_path)
+    assert name == "torch" and isinstance(predictor, TorchPredictor)
     # kept, but its file is not here: left out
-    assert runtimes.fastest_passing({"variants": {"onnx": {"kept": True}}}, tmp_path) == "torch"
+    assert runtimes.fastest_passing({"variants": {"onnx": {"kept": True}}}, tmp_path)[0] == "torch"
     (tmp_path / "model.pt").unlink()
     (tmp_path / "model.onnx").write_bytes(exported["plain"].read_bytes())
-    assert runtimes.fastest_passing({"variants": {"onnx": {"kept": True}}}, tmp_path) == "onnx"
-    assert runtimes.fastest_passing({"variants": {"onnx": {"kept": False}}}, tmp_path) == "torch"
+    name, predictor = runtimes.fastest_passing({"variants": {"onnx": {"kept": True}}}, tmp_path)
+    assert name == "onnx" and isinstance(predictor, runtimes.OnnxPredictor)
+    assert runtimes.fastest_passing({"variants": {"onnx": {"kept": False}}}, tmp_path) == ("torch", None)
 
 
 def test_runtimes_load_no_training_tracking_or_runtime_packages():

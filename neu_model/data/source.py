@@ -45,6 +45,9 @@ from neu_model.core.stage import StageError, run_stage
 
 log = logging.getLogger("neu_model.data.source")
 
+# What a source is called in an error, and where it is set.
+DATA_SETTING = ("data source", "data.source in params.yaml or NEU_DATA_SOURCE")
+BOXES_SETTING = ("box source", "data.boxes in params.yaml or NEU_BOXES_SOURCE")
 # Seconds to wait for the server: an unreachable one must not hold up a no-op `dvc repro`.
 PROBE_TIMEOUT = 5.0
 # What the server's answer becomes in data/source.json.
@@ -59,7 +62,7 @@ def is_url(source: str) -> bool:
     return re.match(r"^https?://", source, re.IGNORECASE) is not None
 
 
-def folder_fingerprint(source: str, setting: str = "data.source in params.yaml or NEU_DATA_SOURCE") -> dict[str, str]:
+def folder_fingerprint(source: str, setting: tuple[str, str] = DATA_SETTING) -> dict[str, str]:
     """A content hash of a local folder or archive.
 
     Hashing every byte of a 74 MB folder takes well under a second, and unlike modification
@@ -67,7 +70,7 @@ def folder_fingerprint(source: str, setting: str = "data.source in params.yaml o
     """
     path = Path(source).expanduser()
     if not path.exists():
-        raise StageError(f"{source}: not found; fix {setting}")
+        raise StageError(f"{source}: {setting[0]} not found; set {setting[1]}")
     digest = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
@@ -178,7 +181,7 @@ def url_fingerprint(url: str, previous: dict | None, timeout: float = PROBE_TIME
 
 
 def fingerprint(source: str, previous: dict | None = None, timeout: float = PROBE_TIMEOUT,
-                setting: str = "data.source in params.yaml or NEU_DATA_SOURCE") -> dict[str, str]:
+                setting: tuple[str, str] = DATA_SETTING) -> dict[str, str]:
     """What data/source.json should hold for ``source`` now.
 
     Raises:
@@ -192,7 +195,7 @@ def fingerprint(source: str, previous: dict | None = None, timeout: float = PROB
 
 
 def record_source(source: str | None, out: Path = SOURCE_FILE, timeout: float = PROBE_TIMEOUT,
-                  setting: str = "data.source in params.yaml or NEU_DATA_SOURCE") -> bool:
+                  setting: tuple[str, str] = DATA_SETTING) -> bool:
     """Write ``out`` if the fingerprint of ``source`` changed; returns whether it did.
 
     An unchanged fingerprint leaves the file untouched, modification time included. No source
@@ -223,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     log.info("data source %s: %s", redact(data.source),
              "changed, the download stage will run" if changed else "unchanged")
     boxes_changed = record_source(data.boxes, args.boxes_out, args.timeout,
-                                  "data.boxes in params.yaml or NEU_BOXES_SOURCE")
+                                  BOXES_SETTING)
     log.info("box source %s: %s", redact(data.boxes or "none"),
              "changed, the boxes stage will run" if boxes_changed else "unchanged")
 

@@ -135,6 +135,28 @@ def csv_sink(out: Path | None, columns: Sequence[str]) -> Iterator[csv.DictWrite
         yield writer
 
 
+def confidence_arg(text: str) -> float:
+    """``argparse`` type of ``--review-below``: a number in [0, 1], else a one-line usage error."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a confidence in [0, 1] (0 flags nothing, 1 everything)")
+    return value
+
+
+def add_review_arg(parser: argparse.ArgumentParser) -> None:
+    """Add ``--review-below CONFIDENCE`` (default None: see ``review_threshold``)."""
+    parser.add_argument("--review-below", type=confidence_arg, metavar="CONFIDENCE",
+                        help="flag predictions less confident than this (default: review.below_confidence)")
+
+
+def review_threshold(review_below: float | None, params: Path = PARAMS_FILE) -> float:
+    """``review_below`` when given, else ``review.below_confidence`` of ``params``."""
+    return load_config(params).review.below_confidence if review_below is None else review_below
+
+
 def positive_int(text: str) -> int:
     """``argparse`` type: an integer of at least 1."""
     try:
@@ -248,25 +270,3 @@ def cli(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(cli())
-
-
-def confidence_arg(text: str) -> float:
-    """``argparse`` type of ``--review-below``: a number in [0, 1], else a one-line usage error."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a confidence in [0, 1] (0 flags nothing, 1 everything)")
-    return value
-
-
-def add_review_arg(parser: argparse.ArgumentParser) -> None:
-    """Add ``--review-below CONFIDENCE`` (default None: see ``review_threshold``)."""
-    parser.add_argument("--review-below", type=confidence_arg, metavar="CONFIDENCE",
-                        help="flag predictions less confident than this (default: review.below_confidence)")
-
-
-def review_threshold(review_below: float | None, params: Path = PARAMS_FILE) -> float:
-    """``review_below`` when given, else ``review.below_confidence`` of ``params``."""
-    return load_config(params).review.below_confidence if review_below is None else review_below

@@ -239,12 +239,13 @@ def offered(report: Mapping[str, Any] | None) -> list[str]:
 
 
 def fastest_passing(report: Mapping[str, Any] | None, models_dir: Path = MODELS_DIR,
-                    batch_size: int = 64) -> tuple[str, Predictor]:
+                    batch_size: int = 64) -> tuple[str, Predictor | None]:
     """The default runtime on this machine: the fastest at ``batch_size``, timed here, of torch
     (the reference) and the variants the export report kept; ``torch`` when none of them loads.
 
     Returns:
-        The name and the very predictor that was timed, so that what runs is what was measured.
+        The name and the very predictor that was timed, so that what runs is what was measured
+        (None when nothing loaded).
         A variant whose runtime package or file is missing here is left out, not an error.
     """
     mirror = bool((report or {}).get("mirror", False))
@@ -255,7 +256,7 @@ def fastest_passing(report: Mapping[str, Any] | None, models_dir: Path = MODELS_
             timed[name] = (images_per_second(predictor, batch_size), predictor)
         except (ImportError, StageError, RuntimeError):
             continue
-    if not timed:
-        return "torch", variant_predictor("torch", models_dir, mirror)
+    if not timed:  # nothing loads: torch, whose loading then says why
+        return "torch", None
     name = max(timed, key=lambda key: timed[key][0])
     return name, timed[name][1]

@@ -123,7 +123,7 @@ def export_model(model: Path, data: Workspace, out: Path, *options: str) -> Path
 @pytest.fixture(scope="session")
 def tiny_export(tiny_data, tiny_model, tmp_path_factory) -> Path:
     """The tiny model exported without mirror averaging (``export_model``'s folder)."""
-    return export_model(tiny_model, tiny_data, tmp_path_factory.mktemp("export"), "--no-mirror")
+    return export_model(tiny_model, tiny_data, tmp_path_factory.mktemp("export"), "--set", "inference.mirror=false")
 
 
 PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", "neu_model", "flows", "tasks", ".dvc/config",

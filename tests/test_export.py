@@ -147,20 +147,20 @@ FP32 = {"changed_predictions": 0, "max_prob_diff": 3e-8, "errors": 10, "robustne
     ("openvino-int8", FP32 | {"robustness_mean": 0.896}, False),
 ])
 def test_verdict_applies_the_rules(name, figures, kept):
-    args = export.resolve_args([])
-    assert export.verdict(name, figures, FP32, args)[0] is kept
+    assert export.verdict(name, figures, FP32, load_config().export)[0] is kept
 
 
-def test_settings_come_from_params_and_options_override_them():
-    cfg = load_config()
-    default = export.resolve_args([])
-    assert default.mirror is cfg.inference.mirror and default.tolerance == cfg.export.tolerance
-    assert default.calibration_images == cfg.export.calibration_images
-    assert export.resolve_args(["--set", "export.tolerance=2e-4"]).tolerance == 2e-4  # as dvc exp run -S writes it
-    both = export.resolve_args(["--set", "export.tolerance=2e-4", "--tolerance", "3e-4",
-                                "--set", "inference.mirror=true", "--no-mirror", "--max-accuracy-images", "0"])
-    assert (both.tolerance, both.mirror, both.max_accuracy_images) == (3e-4, False, 0)
-    assert export.resolve_args(["--set", "inference.mirror=true"]).mirror is True
+def test_the_stage_takes_its_settings_from_the_config_and_set_overrides(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(export, "export", lambda cfg, files: seen.update(cfg=cfg, files=files) or {"offered": []})
+    (tmp_path / "model.pt").write_bytes(b"x")
+    export.main(["--model", str(tmp_path / "model.pt"), "--set", "export.tolerance=2e-4", "--set",
+                 "inference.mirror=false", "--set", "export.max_accuracy_images=0"])  # as dvc exp run -S writes them
+    cfg = seen["cfg"]
+    assert (cfg.export.tolerance, cfg.inference.mirror, cfg.export.max_accuracy_images) == (2e-4, False, 0)
+    assert seen["files"] == export.ExportFiles(model=tmp_path / "model.pt")
+    export.main(["--model", str(tmp_path / "model.pt")])
+    assert seen["cfg"].export == load_config().export and seen["cfg"].inference == load_config().inference
 
 
 def test_fastest_passing_falls_back_to_torch_and_returns_what_it_timed(tmp_path, exported):
@@ -209,7 +209,8 @@ def test_stage_writes_graphs_and_a_report(tmp_path):
     torch.save({"model_name": "defectnet", "state_dict": build_model("defectnet").state_dict()}, tmp_path / "model.pt")
     export.main(["--model", str(tmp_path / "model.pt"), "--split", str(tmp_path / "split.csv"),
                  "--images", str(FIXTURE_IMAGES), "--out-dir", str(tmp_path / "models"),
-                 "--report", str(tmp_path / "export.json"), "--mirror", "--calibration-images", "8"])
+                 "--report", str(tmp_path / "export.json"), "--set", "inference.mirror=true",
+                 "--set", "export.calibration_images=8"])
     report = json.loads((tmp_path / "export.json").read_text())
     assert report["mirror"] is True and report["n_test"] == 10
     models = tmp_path / "models"

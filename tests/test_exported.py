@@ -55,7 +55,7 @@ def register_pass(name: str, reports: Path, data, model: Path, export_dir: Path,
 
 @pytest.fixture(scope="module")
 def mirror_export(tiny_data, tiny_model, tmp_path_factory) -> Path:
-    return export_model(tiny_model, tiny_data, tmp_path_factory.mktemp("export-mirror"), "--mirror")
+    return export_model(tiny_model, tiny_data, tmp_path_factory.mktemp("export-mirror"), "--set", "inference.mirror=true")
 
 
 @pytest.fixture

@@ -14,10 +14,10 @@ and compared with PyTorch; the figures and which variants are offered go to ``re
 - bf16 and int8: kept when the test accuracy is within ``export.max_accuracy_images`` images of
   PyTorch's and the suite's mean accuracy within ``export.max_robustness_points`` points.
 
-Mirror averaging follows ``inference.mirror``. The settings come from params.yaml (``--set``
-overrides them, as in every stage); the options below override them for one run.
+Mirror averaging follows ``inference.mirror``. The settings come from params.yaml; ``--set``
+overrides them for one run, as in every stage.
 
-    python -m neu_model.inference.export [--set export.tolerance=2e-4] [--mirror | --no-mirror]
+    python -m neu_model.inference.export [--set export.tolerance=2e-4] [--set inference.mirror=false]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +36,8 @@ import torch
 from torch import nn
 
 from neu_model.core import paths
-from neu_model.core.config import add_config_args, load_config
+from neu_model.core.config import Config, ExportConfig, add_config_args, load_config
 from neu_model.core.files import sha256_file, write_json
-from neu_model.core.paths import IMAGE_DIR, SPLIT_FILE
 from neu_model.core.stage import StageError, run_stage
 from neu_model.data import corruptions
 from neu_model.data.dataset import ImageSet, load_split, to_float
@@ -48,7 +48,6 @@ from neu_model.inference.torch_model import TorchPredictor, load_torch_model, pr
 
 log = logging.getLogger("neu_model.inference.export")
 
-REPORT_FILE = paths.EXPORT_REPORT
 REDUCED = ("bf16", "int8")
 
 
@@ -80,19 +79,19 @@ def variant_figures(probs: np.ndarray, suite: list[np.ndarray], reference: np.nd
     }
 
 
-def verdict(name: str, figures: dict, reference: dict, args: argparse.Namespace) -> tuple[bool, str]:
+def verdict(name: str, figures: dict, reference: dict, ex: ExportConfig) -> tuple[bool, str]:
     """Whether variant ``name`` is offered, and why (or why not)."""
     if runtimes.VARIANTS[name].precision not in REDUCED:
-        if figures["changed_predictions"] or figures["max_prob_diff"] > args.tolerance:
+        if figures["changed_predictions"] or figures["max_prob_diff"] > ex.tolerance:
             return False, (f"parity failed: {figures['changed_predictions']} changed predictions, largest "
-                           f"probability difference {figures['max_prob_diff']:.2g} (tolerance {args.tolerance:g})")
-        return True, f"parity: same predictions, probabilities within {args.tolerance:g}"
+                           f"probability difference {figures['max_prob_diff']:.2g} (tolerance {ex.tolerance:g})")
+        return True, f"parity: same predictions, probabilities within {ex.tolerance:g}"
     extra_errors = abs(figures["errors"] - reference["errors"])
     robustness_points = 100 * abs(figures["robustness_mean"] - reference["robustness_mean"])
-    if extra_errors > args.max_accuracy_images or robustness_points > args.max_robustness_points:
-        return False, (f"{extra_errors} test images apart from fp32 (at most {args.max_accuracy_images}), suite "
-                       f"mean {robustness_points:.2f} points apart (at most {args.max_robustness_points:g})")
-    return True, (f"within {args.max_accuracy_images} test image(s) and {args.max_robustness_points:g} suite "
+    if extra_errors > ex.max_accuracy_images or robustness_points > ex.max_robustness_points:
+        return False, (f"{extra_errors} test images apart from fp32 (at most {ex.max_accuracy_images}), suite "
+                       f"mean {robustness_points:.2f} points apart (at most {ex.max_robustness_points:g})")
+    return True, (f"within {ex.max_accuracy_images} test image(s) and {ex.max_robustness_points:g} suite "
                   f"points of fp32")
 
 
@@ -118,13 +117,14 @@ def calibration_images(split_file: Path, image_dir: Path, count: int, seed: int 
     return to_float(train.images[pick]).numpy()
 
 
-def write_graphs(net: nn.Module, args: argparse.Namespace, image_size: int) -> tuple[Path, Path]:
-    """Export ``net`` (loaded from ``args.model``) to ONNX and quantise it; returns the fp32 and int8 files."""
-    onnx_file, int8_file = args.out_dir / paths.ONNX_FILE, args.out_dir / paths.INT8_FILE
-    metadata = {"mirror": str(args.mirror).lower(), "source_sha256": sha256_file(args.model)}
-    graph = probability_model(native_pooling(copy.deepcopy(net)), args.mirror)
+def write_graphs(net: nn.Module, cfg: Config, files: ExportFiles, image_size: int) -> tuple[Path, Path]:
+    """Export ``net`` (loaded from ``files.model``) to ONNX and quantise it; returns the fp32 and int8 files."""
+    onnx_file, int8_file = files.out_dir / paths.ONNX_FILE, files.out_dir / paths.INT8_FILE
+    mirror = cfg.inference.mirror
+    metadata = {"mirror": str(mirror).lower(), "source_sha256": sha256_file(files.model)}
+    graph = probability_model(native_pooling(copy.deepcopy(net)), mirror)
     export_onnx(graph, onnx_file, image_size, metadata)
-    quantize_int8(onnx_file, int8_file, calibration_images(args.split, args.images, args.calibration_images))
+    quantize_int8(onnx_file, int8_file, calibration_images(files.split, files.images, cfg.export.calibration_images))
     log.info("wrote %s and %s", onnx_file, int8_file)
     return onnx_file, int8_file
 
@@ -138,12 +138,27 @@ def timed_predictions(predictor: Predictor, images: np.ndarray, batch_size: int)
     return probs, round(len(images) / (time.perf_counter() - start), 1)
 
 
-def export(args: argparse.Namespace) -> dict:
-    """Export, quantise, compare every variant with PyTorch; write and return the report."""
-    net = load_torch_model(args.model)[0]
-    test = load_data(args.split, args.images, "test")
-    onnx_file, int8_file = write_graphs(net, args, test.images.shape[-1])
-    predictors = {"torch": TorchPredictor(net, mirror=args.mirror)}
+@dataclass(frozen=True)
+class ExportFiles:
+    """What the export stage reads and writes (the defaults are the pipeline's files)."""
+
+    model: Path = paths.MODEL_FILE
+    split: Path = paths.SPLIT_FILE
+    images: Path = paths.IMAGE_DIR
+    out_dir: Path = paths.MODELS_DIR  # model.onnx and model.int8.onnx
+    report: Path = paths.EXPORT_REPORT
+
+
+def export(cfg: Config, files: ExportFiles = ExportFiles()) -> dict:
+    """Export, quantise, compare every variant with PyTorch; write and return the report.
+
+    Settings: ``inference.mirror`` (mirror averaging in the graph) and the ``export`` section.
+    """
+    ex, mirror = cfg.export, cfg.inference.mirror
+    net = load_torch_model(files.model)[0]
+    test = load_data(files.split, files.images, "test")
+    onnx_file, int8_file = write_graphs(net, cfg, files, test.images.shape[-1])
+    predictors = {"torch": TorchPredictor(net, mirror=mirror)}
     entries = {}
     for name, variant in runtimes.VARIANTS.items():
         reason = None if name == "torch" else unsupported(name)
@@ -151,75 +166,52 @@ def export(args: argparse.Namespace) -> dict:
             entries[name] = {"runtime": variant.runtime, "file": variant.file, "precision": variant.precision,
                              "kept": False, "reason": reason}
         elif name != "torch":
-            predictors[name] = runtimes.variant_predictor(name, args.out_dir)
+            predictors[name] = runtimes.variant_predictor(name, files.out_dir)
     images, labels = to_float(test.images).numpy(), test.labels.numpy()
-    clean = {name: timed_predictions(predictor, images, args.batch_size) for name, predictor in predictors.items()}
-    suite = suite_predictions(predictors, test.images, args.batch_size)
+    clean = {name: timed_predictions(predictor, images, ex.batch_size) for name, predictor in predictors.items()}
+    suite = suite_predictions(predictors, test.images, ex.batch_size)
     reference = variant_figures(clean["torch"][0], suite["torch"], clean["torch"][0], suite["torch"], labels)
     for name in list(predictors)[1:]:
         figures = variant_figures(clean[name][0], suite[name], clean["torch"][0], suite["torch"], labels)
-        kept, reason = verdict(name, figures, reference, args)
+        kept, reason = verdict(name, figures, reference, ex)
         variant = runtimes.VARIANTS[name]
         entries[name] = {"runtime": variant.runtime, "file": variant.file, "precision": variant.precision,
                          **figures, "images_per_second": clean[name][1], "kept": kept, "reason": reason}
         log.info("%-14s %s: %s", name, "kept" if kept else "dropped", reason)
-    report = {"onnx_file": str(onnx_file), "int8_file": str(int8_file), "mirror": args.mirror,
+    report = {"onnx_file": str(onnx_file), "int8_file": str(int8_file), "mirror": mirror,
               # what the register stage checks before it logs the files with a version
-              "model_sha256": sha256_file(args.model), "onnx_sha256": sha256_file(onnx_file),
+              "model_sha256": sha256_file(files.model), "onnx_sha256": sha256_file(onnx_file),
               "int8_sha256": sha256_file(int8_file),
               "exporter": f"torch {torch.__version__.split('+')[0]} torch.onnx dynamo, opset {OPSET}",
-              "n_test": len(test), "tolerance": args.tolerance,
+              "n_test": len(test), "tolerance": ex.tolerance,
               "reference": {"runtime": "torch", **{k: reference[k] for k in ("accuracy", "errors", "robustness_mean")},
                             "images_per_second": clean["torch"][1]},
               "variants": {name: entries[name] for name in runtimes.VARIANTS if name in entries},
               "offered": runtimes.offered({"variants": entries})}
-    write_json(args.report, report)
+    write_json(files.report, report)
     return report
-
-
-# Options that override params.yaml's export section for one run: flag, key, type, help.
-OVERRIDES = [("--tolerance", "tolerance", float, "largest probability difference of an fp32 variant"),
-             ("--max-accuracy-images", "max_accuracy_images", int, "bf16 / int8: test images apart from fp32"),
-             ("--max-robustness-points", "max_robustness_points", float,
-              "bf16 / int8: corruption-suite mean accuracy apart from fp32, in points"),
-             ("--calibration-images", "calibration_images", int, "training images that calibrate int8"),
-             ("--batch-size", "batch_size", int, "images per call into a runtime")]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
-    parser.add_argument("--model", type=Path, default=paths.MODELS_DIR / paths.TORCH_FILE)
-    parser.add_argument("--split", type=Path, default=SPLIT_FILE)
-    parser.add_argument("--images", type=Path, default=IMAGE_DIR)
-    parser.add_argument("--out-dir", type=Path, default=paths.MODELS_DIR,
-                        help="where model.onnx and model.int8.onnx go")
-    parser.add_argument("--report", type=Path, default=REPORT_FILE)
-    parser.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
-                        help="average each image with its mirror image, in the graph (default: inference.mirror)")
-    for flag, key, kind, text in OVERRIDES:
-        parser.add_argument(flag, type=kind, default=None, help=f"{text} (default: export.{key})")
+    add_config_args(parser)  # --set export.tolerance=2e-4, --set inference.mirror=false, ...
+    defaults = ExportFiles()
+    parser.add_argument("--model", type=Path, default=defaults.model)
+    parser.add_argument("--split", type=Path, default=defaults.split)
+    parser.add_argument("--images", type=Path, default=defaults.images)
+    parser.add_argument("--out-dir", type=Path, default=defaults.out_dir, help="where model.onnx and model.int8.onnx go")
+    parser.add_argument("--report", type=Path, default=defaults.report)
     return parser
 
 
-def resolve_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The command line with every unset option taken from params.yaml (and its ``--set`` overrides)."""
+def main(argv: Sequence[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
     cfg = load_config(args.params, args.overrides)
-    args.mirror = cfg.inference.mirror if args.mirror is None else args.mirror
-    for _, key, _, _ in OVERRIDES:
-        if getattr(args, key) is None:
-            setattr(args, key, getattr(cfg.export, key))
-    return args
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    args = resolve_args(argv)
     if not Path(args.model).is_file():  # before reading any image: the cheap check first
         raise StageError(f"{args.model}: no trained model; run the pipeline first (make pipeline)")
-    report = export(args)
+    report = export(cfg, ExportFiles(args.model, args.split, args.images, args.out_dir, args.report))
     log.info("offered: %s (mirror %s); figures in %s", ", ".join(report["offered"]) or "none",
-             "on" if args.mirror else "off", args.report)
+             "on" if cfg.inference.mirror else "off", args.report)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 # Everything sets itself up: the first target you run creates .venv from requirements.lock.
-#   make pipeline   dvc repro (its first stage, source, looks for new images), then dvc metrics show
-#   make test       ruff, then the whole test suite
-#   make test-fast  the test suite without the slow tests (no ruff)
+#   make pipeline   dvc repro (its first stage, source, looks for new images), then a short summary
+#   make test       ruff, then the whole test suite; prints the 15 slowest tests
+#   make test-fast  the fast tier: no test marked slow (no ruff)
 #   make bench      train and score every model, print a table (ARGS="--seeds 0 1 2 --epochs 5")
 #   make bench-inference  every runtime on the test images, one table of speeds and ratios (ARGS="--mirror")
 #   make retrain    the Prefect training flow once (ARGS="--set key=value --device cuda")
@@ -64,7 +64,7 @@ sweep: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     args.boxes_table = read_boxes(args.boxes)
     model, _ = load_torch_model(args.model)
-    params, rule = DEFAULT_LOCATE, "neu_model.localisation.methods.DEFAULT_LOCATE (chosen earlier by --search on train+val)"
+    params, rule = DEFAULT_LOCATE, ("neu_model.localisation.methods.DEFAULT_LOCATE (chosen earlier by --search on "
+                                    "train+val)")
     if args.search:
         from locate_search import search
 

@@ -36,6 +36,19 @@ TINY = [
 ]
 
 
+# The fast tier (`make test-fast`, `-m "not slow"`): unit tests on tiny fixtures and one smoke run of
+# the chain (the session's one-epoch `tiny_model`, scored by neu-predict). Whatever exports, registers,
+# evaluates, trains again, starts a server or runs `dvc repro` is `slow`: a test marks itself, and
+# every test that uses one of these fixtures (each does such work once per run) is marked here.
+SLOW_FIXTURES = {"tiny_export", "exported", "mirror_export", "models_dir", "registered", "evaluated"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def tiny_config(*overrides: str) -> Config:
     """The repository's params with the fixture-sized overrides and ``overrides`` on top."""
     return load_config(overrides=[f"data.source={FIXTURE_IMAGES}", *TINY, *overrides])

@@ -38,6 +38,7 @@ def test_cpu_output_is_the_one_before_the_gpu_path_bit_for_bit(batch, kind, seed
 
 
 @pytest.mark.parametrize("size", [(200, 200), (40, 56)])
+@pytest.mark.slow
 def test_the_gpu_gather_places_the_same_pixels_as_the_per_image_views(size):
     h, w = size
     gen = torch.Generator().manual_seed(3)

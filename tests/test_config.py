@@ -83,6 +83,7 @@ def test_arch_is_read_only_with_lists_as_tuples():
 
 @pytest.mark.parametrize("model,key", [("defectnet", "depth"), ("defectnet_res", "full_resolution"),
                                        ("seed_cnn", "dropout")])
+@pytest.mark.slow
 def test_unknown_arch_key_is_refused_by_the_train_stage_naming_the_allowed_ones(model, key, tiny_data, tmp_path):
     """The constructor's signature is the one list of architecture arguments: the train stage
     refuses a key it does not take, in one line, before any epoch."""
@@ -154,6 +155,7 @@ def test_numbers_as_yaml_1_2_writes_them_are_taken():
     ("train.recipes.defectnet.epochz=1", "no key 'train.recipes.defectnet.epochz' in params.yaml; check the "
                                          "spelling; keys there: epochs, batch_size"),
     ("train.recipes.defectnet.epochs=abc", "train.recipes.defectnet.epochs='abc' must be an integer")])
+@pytest.mark.slow
 def test_a_stage_refuses_a_bad_override_before_any_work(tmp_path, override, named):
     result = subprocess.run([sys.executable, "-m", "neu_model.training.train", "--set", override], cwd=tmp_path,
                             capture_output=True, text=True, timeout=600, env=os.environ | {"PYTHONPATH": str(ROOT)})

@@ -70,6 +70,7 @@ def test_the_ranks_shards_of_each_batch_make_up_the_epoch_order(n, batch_size, r
 
 
 @pytest.mark.parametrize(("batch_size", "ranks"), [(8, 2), (7, 2), (17, 3), (1, 2)])
+@pytest.mark.slow
 def test_the_average_of_the_rank_losses_is_the_batch_mean(batch_size, ranks):
     """DDP averages the ranks' gradients; the gradient of the average is the average gradient."""
     losses = torch.rand(batch_size, dtype=torch.float64)

@@ -79,6 +79,7 @@ def test_archive_sent_as_text_html_is_still_taken(tmp_path):
 
 
 @pytest.mark.parametrize("stall", ["headers", "body"])
+@pytest.mark.slow
 def test_stalled_server_hits_the_read_timeout(published, tmp_path, stall):
     body = flat_zip(tmp_path / "neu.zip").read_bytes()
     with serve({"/neu.zip": body}, stall=stall) as (base, hits):
@@ -159,6 +160,7 @@ def run_stage_cli(tmp_path: Path, source: str) -> subprocess.CompletedProcess:
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
 
 
+@pytest.mark.slow
 def test_credentials_in_the_url_are_used_and_never_shown(tmp_path):
     body = flat_zip(tmp_path / "neu.zip").read_bytes()
     # 500 first: the stage logs a retry warning naming the URL, then downloads.
@@ -302,6 +304,7 @@ def test_download_over_the_limit_is_refused_before_reading(tmp_path, published):
 
 @pytest.mark.parametrize("damage, message", [("one-byte", "damaged archive"),
                                              ("noise", "not a folder, zip or tar archive")])
+@pytest.mark.slow
 def test_damaged_download_leaves_the_cache(damage, message, tmp_path, published):
     good = flat_zip(tmp_path / "neu.zip").read_bytes()
     bad = bytearray(good) if damage == "one-byte" else bytearray(i * 7919 % 251 for i in range(len(good)))

@@ -3,6 +3,7 @@
 import json
 
 import pandas as pd
+import pytest
 import torch
 
 from neu_model.data import corruptions
@@ -12,6 +13,7 @@ from neu_model.evaluation.metrics import classification_metrics, review_curve, r
 from conftest import tiny_config
 
 
+@pytest.mark.slow
 def test_reports_on_the_test_part(tiny_data, tiny_model, tmp_path):
     metrics = evaluate(tiny_config("evaluate.robustness=true"), tiny_model, tiny_data.split,
                        tiny_data.images, tmp_path)
@@ -38,6 +40,7 @@ def test_reports_on_the_test_part(tiny_data, tiny_model, tmp_path):
         round(robustness["accepted_errors"].sum() / (n_test * len(robustness)), 6)
 
 
+@pytest.mark.slow
 def test_review_threshold_reaches_the_corruption_suite(tiny_data, tiny_model, tmp_path):
     n_test = (pd.read_csv(tiny_data.split)["split"] == "test").sum()
     for threshold, flagged in ((0.0, 0.0), (1.0, 1.0)):  # nothing flagged, everything flagged
@@ -49,6 +52,7 @@ def test_review_threshold_reaches_the_corruption_suite(tiny_data, tiny_model, tm
         assert list(table["accepted_errors"]) == (list(errors) if threshold == 0 else [0] * len(table))
 
 
+@pytest.mark.slow
 def test_review_reports_agree_with_the_predictions(tiny_data, tiny_model, tmp_path):
     # 0.4: the 1-epoch tiny model is unsure, so some images fall on each side
     metrics = evaluate(tiny_config("evaluate.robustness=false", "review.below_confidence=0.4"), tiny_model,

@@ -97,6 +97,7 @@ def test_mirror_graph_averages_each_image_with_its_mirror_image(exported, images
 
 
 @pytest.mark.parametrize("n", [1, 5, 30])  # 30: chunks of CHUNK run in parallel, the last one padded
+@pytest.mark.slow
 def test_openvino_fp32_agrees_with_torch(exported, images, n):
     for path, mirror in ((exported["plain"], False), (exported["mirror"], True)):
         probs = runtimes.OpenVinoPredictor(path).predict(images[:n])
@@ -163,6 +164,7 @@ def test_the_stage_takes_its_settings_from_the_config_and_set_overrides(monkeypa
     assert seen["cfg"].export == load_config().export and seen["cfg"].inference == load_config().inference
 
 
+@pytest.mark.slow
 def test_fastest_passing_falls_back_to_torch_and_returns_what_it_timed(tmp_path, exported):
     from neu_model.inference.torch_model import TorchPredictor
 
@@ -185,6 +187,7 @@ def test_runtimes_load_no_training_tracking_or_runtime_packages():
     assert done.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_missing_files_are_one_line_errors(tmp_path):
     with pytest.raises(StageError, match="model.onnx: not exported; run the export stage"):
         runtimes.variant_predictor("onnx", tmp_path)

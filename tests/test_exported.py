@@ -55,7 +55,8 @@ def register_pass(name: str, reports: Path, data, model: Path, export_dir: Path,
 
 @pytest.fixture(scope="module")
 def mirror_export(tiny_data, tiny_model, tmp_path_factory) -> Path:
-    return export_model(tiny_model, tiny_data, tmp_path_factory.mktemp("export-mirror"), "--set", "inference.mirror=true")
+    return export_model(tiny_model, tiny_data, tmp_path_factory.mktemp("export-mirror"),
+                        "--set", "inference.mirror=true")
 
 
 @pytest.fixture
@@ -63,6 +64,7 @@ def name() -> str:
     return f"neu-exported-{uuid.uuid4().hex[:8]}"
 
 
+@pytest.mark.slow
 def test_doc_client_reproduces_the_champions_pyfunc_predictions(tiny_data, tiny_model, tiny_export, tmp_path, name):
     result = register_pass(name, pipeline_pass(tiny_model, tiny_data.split, tmp_path), tiny_data, tiny_model,
                            tiny_export)
@@ -96,6 +98,7 @@ def test_version_run_holds_the_exported_files_and_figures(tiny_data, tiny_model,
     assert tags["export.offered"] == ",".join(report["offered"])
 
 
+@pytest.mark.slow
 def test_mirror_setting_registers_the_mirror_averaged_twin(tiny_data, tiny_model, tiny_export, mirror_export,
                                                            tmp_path, name):
     reports = pipeline_pass(tiny_model, tiny_data.split, tmp_path)

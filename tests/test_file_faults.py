@@ -31,6 +31,7 @@ def foreign(out: Path) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["truncated", "foreign", "empty"])
+@pytest.mark.slow
 def test_unreadable_model_is_one_line_naming_it(tiny_model, tmp_path, kind):
     bad = tmp_path / "model.pt"
     if kind == "truncated":
@@ -44,11 +45,12 @@ def test_unreadable_model_is_one_line_naming_it(tiny_model, tmp_path, kind):
                             env=os.environ | {"PYTHONPATH": str(ROOT)})
     assert result.returncode == 2 and "Traceback" not in result.stderr
     error = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
-    assert error == [f"error: {bad}: not a model saved by neu_model.training.train (unreadable: cut short, or not written "
-                     f"by torch.save); retrain it"]
+    assert error == [f"error: {bad}: not a model saved by neu_model.training.train (unreadable: cut short, "
+                     f"or not written by torch.save); retrain it"]
 
 
 @pytest.mark.parametrize("kind", ["truncated", "foreign"])
+@pytest.mark.slow
 def test_unreadable_checkpoint_is_a_note_and_training_starts_afresh(tiny_data, tiny_model, tmp_path, kind, caplog):
     from neu_model.training.train import train
 
@@ -60,7 +62,8 @@ def test_unreadable_checkpoint_is_a_note_and_training_starts_afresh(tiny_data, t
     with caplog.at_level("WARNING", logger="neu_model.training.train"):
         summary = train(tiny_config(), tiny_data.split, tiny_data.images, tmp_path / "model.pt", checkpoint,
                         tmp_path / "log.csv", tmp_path / "metrics.json", tiny_data.raw / "manifest.csv")
-    assert [r.getMessage() for r in caplog.records if r.name == "neu_model.training.train" and r.levelname == "WARNING"] == [
+    warnings = [r for r in caplog.records if r.name == "neu_model.training.train" and r.levelname == "WARNING"]
+    assert [r.getMessage() for r in warnings] == [
         f"{checkpoint} is unreadable: cut short, or not written by torch.save: training starts afresh"]
     assert summary["epochs"] == 1
     assert torch.load(checkpoint, weights_only=True)["state"]["epoch"] == 1  # replaced by a good one

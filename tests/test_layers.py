@@ -56,6 +56,9 @@ def test_the_layer_check_sees_a_violation(tmp_path):
     assert layer("neu_model.core.a") < layer("neu_model.training.b")
 
 
+RUN_CLI = "from neu_model.inference.predict import cli\ntry:\n    cli()\nexcept SystemExit:\n    pass"
+
+
 def loaded_modules(code: str) -> set[str]:
     """``sys.modules`` of a fresh interpreter after running ``code`` (which may exit)."""
     probe = (f"import atexit, sys, json\natexit.register(lambda: print('MODULES=' + json.dumps(sorted(sys.modules)), "
@@ -73,9 +76,9 @@ def unwanted(loaded: set[str], names: tuple[str, ...]) -> list[str]:
     return sorted(m for m in loaded if any(m == n or m.startswith(n + ".") for n in names))
 
 
+@pytest.mark.slow
 def test_neu_predict_help_loads_no_torch_mlflow_or_matplotlib():
-    loaded = loaded_modules("import sys\nsys.argv = ['neu-predict', '--help']\n"
-                            "from neu_model.inference.predict import cli\ntry:\n    cli()\nexcept SystemExit:\n    pass")
+    loaded = loaded_modules("import sys\nsys.argv = ['neu-predict', '--help']\n" + RUN_CLI)
     assert "neu_model.inference.predict" in loaded  # the probe saw the import
     assert not unwanted(loaded, ("torch", *NOT_FOR_INFERENCE))
 
@@ -97,21 +100,23 @@ def tiny_onnx(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_neu_predict_on_an_onnx_model_loads_no_torch(tmp_path):
     model = tiny_onnx(tmp_path / "model.onnx")
     image = ROOT / "tests" / "fixtures" / "NEU-tiny" / "Cr_1.bmp"
     out = tmp_path / "out.csv"
     loaded = loaded_modules(f"import sys\nsys.argv = ['neu-predict', {str(image)!r}, '--model', {str(model)!r}, "
-                            f"'--runtime', 'onnx', '--out', {str(out)!r}]\n"
-                            "from neu_model.inference.predict import cli\ntry:\n    cli()\nexcept SystemExit:\n    pass")
+                            f"'--runtime', 'onnx', '--out', {str(out)!r}]\n" + RUN_CLI)
     assert out.read_text().splitlines()[1].startswith(str(image))  # it did score the image
     assert "onnxruntime" in loaded
     assert not unwanted(loaded, ("torch", *NOT_FOR_INFERENCE))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["neu_model.inference.torch_model", "neu_model.inference.loading",
-                                    "neu_model.inference.registry_files"])
-def test_inference_modules_load_no_training_code_mlflow_or_matplotlib(module):
+                                    "neu_model.inference.registry_files", "neu_model.inference.tile_boxes",
+                                    "neu_model.inference.overlays", "neu_model.localisation.methods"])
+def test_inference_modules_load_no_training_code_mlflow_matplotlib_or_other_runtimes(module):
     loaded = loaded_modules(f"import {module}")
     assert module in loaded
-    assert not unwanted(loaded, NOT_FOR_INFERENCE)
+    assert not unwanted(loaded, (*NOT_FOR_INFERENCE, "onnxruntime", "openvino"))  # a runtime loads when it runs

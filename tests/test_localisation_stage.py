@@ -227,6 +227,7 @@ def whole_image_box_accuracy(files, boxes: pd.DataFrame) -> float:
     return float(np.mean([iou_matrix([[0, 0, 200, 200]], truth[f]).max() >= 0.5 for f in files]))
 
 
+@pytest.mark.slow
 def test_evaluate_scores_every_method_on_test_and_validation(tiny_data, tiny_model, with_val, box_file, tmp_path):
     metrics = evaluate(tiny_config(), tiny_model, with_val, tiny_data.images, tmp_path, box_file)
     split = pd.read_csv(with_val)
@@ -251,6 +252,7 @@ def test_evaluate_scores_every_method_on_test_and_validation(tiny_data, tiny_mod
     assert (tmp_path / "locate_gallery.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_a_chosen_method_that_validation_does_not_favour_is_warned_about(tiny_data, tiny_model, with_val, box_file,
                                                                          tmp_path, caplog):
     evaluate(tiny_config(), tiny_model, with_val, tiny_data.images, tmp_path, box_file)
@@ -270,6 +272,7 @@ def test_a_chosen_method_that_validation_does_not_favour_is_warned_about(tiny_da
 
 
 @pytest.mark.parametrize("boxes", ["none", "header only", "no test image"])
+@pytest.mark.slow
 def test_evaluate_without_boxes_says_skipped_and_still_draws_the_gallery(tiny_data, tiny_model, tmp_path, boxes):
     box_path = None if boxes == "none" else tmp_path / "boxes.csv"
     if boxes == "header only":
@@ -293,6 +296,7 @@ def test_evaluate_refuses_bad_input_before_any_work(tiny_data, tiny_model, tmp_p
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_evaluate_logs_the_localisation_figures_into_the_training_run(tiny_data, tiny_model, box_file, tmp_path):
     shutil.copy(tiny_model.with_name("run.json"), tmp_path / "run.json")
     metrics = evaluate(tiny_config(), tiny_model, tiny_data.split, tiny_data.images, tmp_path, box_file)

@@ -68,6 +68,7 @@ def test_torch_runtime_averages_when_asked(tiny_model, net, test_images):
     np.testing.assert_allclose(probs, averaged(net, x).numpy(), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_evaluate_with_mirror_scores_the_averaged_probabilities(tiny_data, tiny_model, net, tmp_path):
     evaluate(tiny_config("inference.mirror=true"), tiny_model, tiny_data.split, tiny_data.images, tmp_path)
     frame = pd.read_csv(tmp_path / "predictions.csv")
@@ -77,6 +78,7 @@ def test_evaluate_with_mirror_scores_the_averaged_probabilities(tiny_data, tiny_
     np.testing.assert_allclose(frame[[f"p_{c}" for c in CLASSES]].to_numpy(), expected, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_logged_mirror_model_serves_the_averaged_probabilities(tiny_model, net, test_images, tmp_path):
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     experiment = client.create_experiment(f"mirror-{tmp_path.name}")

@@ -97,6 +97,7 @@ def test_committed_template_is_built_from_the_vendored_scripts():
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_dvc_plots_show_page_loads_nothing_from_the_network(tmp_path):
     html = dvc_plots_page(tmp_path / "plots", "show")
 

@@ -162,6 +162,7 @@ def test_review_threshold_flags_the_less_confident(tiny_model, capsys):
     assert list(flagged["needs_review"].astype(str) == "True") == list(expected) and 0 < expected.sum() < len(frame)
 
 
+@pytest.mark.slow
 def test_usage_errors_exit_2_with_one_line(tiny_model, tmp_path, capsys):
     cmd = [sys.executable, "-m", "neu_model.inference.predict", "--model", str(tiny_model), str(tmp_path / "missing")]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)

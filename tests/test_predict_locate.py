@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +14,6 @@ import torch
 from PIL import Image
 
 from neu_model.core.config import CLASSES
-from neu_model.core.paths import ROOT
 from neu_model.inference.overlays import TOP_BOX
 from neu_model.inference.predict import cli
 from neu_model.inference.tile_boxes import TileLocator, locate_params
@@ -77,7 +73,6 @@ def test_each_tile_is_explained_for_its_predicted_class(tiny_model):
     turned = locator.locate(tiles, NAMES_CODES[1:] + NAMES_CODES[:1])
     first = locator.locate(tiles, NAMES_CODES)
     assert any(not np.array_equal(a.regions, b.regions) for a, b in zip(first, turned, strict=True))
-
 
 
 def test_locate_params_come_from_the_config_when_it_has_them():
@@ -142,12 +137,3 @@ def test_image_boxes_stay_inside_the_tile_for_every_class(tiny_model, code):
         x0, y0, x1, y1 = answer.regions[:, :4].T
         assert (0 <= x0).all() and (x0 < x1).all() and (x1 <= 200).all()
         assert (0 <= y0).all() and (y0 < y1).all() and (y1 <= 200).all()
-
-
-def test_locate_overlays_and_runtimes_load_no_training_code_mlflow_or_matplotlib():
-    code = ("import sys, neu_model.inference.tile_boxes, neu_model.inference.overlays, neu_model.inference.loading; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'matplotlib', 'onnxruntime', "
-            "'openvino') or m in ('neu_model.training.train', 'neu_model.training.augment', 'neu_model.evaluation.figures', 'neu_model.registry.tracking')))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
-                          env=os.environ | {"PYTHONPATH": str(ROOT)})
-    assert done.stdout.strip() == "[]"

@@ -133,6 +133,7 @@ def test_registered_torch_gives_the_rows_of_the_saved_model(registered, models_d
     pd.testing.assert_frame_equal(remote, local)
 
 
+@pytest.mark.slow
 def test_auto_runs_a_runtime_the_export_kept_and_remembers_the_choice(registered, models_dir, own_cache, capsys):
     _, torch_rows, _ = predict(capsys, models_dir / "model.pt", *IMAGES)
     status, frame, err = predict(capsys, registered.champion, *IMAGES)

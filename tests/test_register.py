@@ -90,6 +90,7 @@ def test_gate_rules():
     assert not promote and "champion v3 0.9600" in reasons[1] and "0.9700" in reasons[1]
 
 
+@pytest.mark.slow
 def test_real_evaluated_run_is_registered_with_its_metrics(evaluated, tiny_data, tiny_model, name, run_register):
     result = run_register(name, evaluated, tiny_data, tiny_model, None, "register.accuracy_floor=0.0")
     metrics = json.loads((evaluated / "metrics.json").read_text())
@@ -110,6 +111,7 @@ def test_real_evaluated_run_is_registered_with_its_metrics(evaluated, tiny_data,
     assert len(MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).search_model_versions(f"name = '{name}'")) == 1
 
 
+@pytest.mark.slow
 def test_first_model_must_pass_the_floor(evaluated, tiny_data, tiny_model, tmp_path, name, run_register):
     low = run_register(name, candidate(evaluated, tmp_path, 0.90, tiny_data.split), tiny_data, tiny_model)
     assert low["decision"] == "rejected" and low["champion"] is None
@@ -119,6 +121,7 @@ def test_first_model_must_pass_the_floor(evaluated, tiny_data, tiny_model, tmp_p
     assert "no champion yet" in " ".join(first["reasons"])
 
 
+@pytest.mark.slow
 def test_promote_then_keep_the_champion(evaluated, tiny_data, tiny_model, tmp_path, name, run_register):
     def reg(acc, *overrides):
         return run_register(name, candidate(evaluated, tmp_path, acc, tiny_data.split), tiny_data, tiny_model,
@@ -149,6 +152,7 @@ def _accuracy(model_file, split_file, image_dir) -> float:
     return round((predicted == test.labels).float().mean().item(), 6)
 
 
+@pytest.mark.slow
 def test_changed_split_reevaluates_the_champion_first(evaluated, tiny_data, tiny_model, tmp_path, name, run_register):
     assert run_register(name, candidate(evaluated, tmp_path, 0.96, tiny_data.split), tiny_data, tiny_model,
                         None, "register.accuracy_floor=0.0")["champion"] == "1"
@@ -172,6 +176,7 @@ def test_changed_split_reevaluates_the_champion_first(evaluated, tiny_data, tiny
     assert "re-evaluated" in moved["reasons"][0] and moved["decision"] == "promoted"
 
 
+@pytest.mark.slow
 def test_crash_before_the_alias_moves_leaves_the_old_champion(evaluated, tiny_data, tiny_model, tmp_path,
                                                              name, monkeypatch, run_register):
     run_register(name, candidate(evaluated, tmp_path, 0.96, tiny_data.split), tiny_data, tiny_model)
@@ -204,6 +209,7 @@ def test_stale_metrics_are_refused(evaluated, tiny_data, tiny_model, tmp_path, n
         run_register(name, reports, tiny_data, tiny_model)
 
 
+@pytest.mark.slow
 def test_history_command_and_champion_for_a_plain_client(evaluated, tiny_data, tiny_model, tmp_path, name, capsys,
                                                          run_register):
     run_register(name, candidate(evaluated, tmp_path, 0.96, tiny_data.split), tiny_data, tiny_model)

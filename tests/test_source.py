@@ -151,6 +151,7 @@ def test_a_definite_no_from_the_server_changes_the_fingerprint(tmp_path):
     assert json.loads(out.read_text())["http_status"] == "401"  # so that the download stage runs and says why
 
 
+@pytest.mark.slow
 def test_server_gone_keeps_the_last_fingerprint_and_exits_0(tmp_path):
     out = tmp_path / "source.json"
     with archive_server() as (base, _, _):

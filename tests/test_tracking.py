@@ -90,6 +90,7 @@ def test_logged_model_returns_the_networks_probabilities(tiny_data, tiny_model):
     np.testing.assert_allclose(probs, expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_evaluate_logs_into_the_training_run(tiny_data, tiny_model, tmp_path):
     shutil.copy(tiny_model.with_name("run.json"), tmp_path / "run.json")
     metrics = evaluate(tiny_config("evaluate.robustness=false"), tiny_model, tiny_data.split, tiny_data.images,
@@ -107,6 +108,7 @@ def test_evaluate_logs_into_the_training_run(tiny_data, tiny_model, tmp_path):
     assert [row[0] for row in table["data"]] == ["Cr", "In", "Pa", "PS", "RS", "Sc"]
 
 
+@pytest.mark.slow
 def test_evaluating_a_model_without_its_run_logs_nothing(tiny_data, tiny_model, tmp_path):
     record = _record(tiny_model) | {"model_sha256": "0" * 64}  # run.json of some other model
     (tmp_path / "run.json").write_text(json.dumps(record))
@@ -133,6 +135,7 @@ def test_unreachable_store_fails_before_training(tiny_data, tmp_path, monkeypatc
     assert not (tmp_path / "model.pt").exists() and not (tmp_path / "run.json").exists()
 
 
+@pytest.mark.slow
 def test_killed_training_ends_its_run_and_the_resume_continues_it(tiny_data, tmp_path, monkeypatch):
     cfg = tiny_config("train.model=seed_cnn", "train.recipes.seed_cnn.epochs=2", "mlflow.experiment=resume-test")
     undo = die_in_epoch(monkeypatch, 2)
@@ -156,7 +159,8 @@ def test_read_dvc_finds_the_locked_hashes_of_a_stages_inputs(tmp_path):
     (tmp_path / "dvc.lock").write_text(
         "schema: '2.0'\nstages:\n  download:\n    outs:\n    - {path: data/raw, md5: aaa.dir}\n"
         "  split:\n    outs:\n    - {path: data/split.csv, md5: bbb}\n"
-        "  train:\n    deps:\n    - {path: data/split.csv, md5: old}\n    - {path: neu_model/training/train.py, md5: ccc}\n"
+        "  train:\n    deps:\n    - {path: data/split.csv, md5: old}\n"
+        "    - {path: neu_model/training/train.py, md5: ccc}\n"
         "    outs:\n    - {path: models/model.pt, md5: ddd}\n")
     assert read_dvc(inputs_of="train", root=tmp_path) == {
         "dvc.input.data/raw/NEU-CLS": "aaa.dir (data/raw)", "dvc.input.data/split.csv": "bbb"}

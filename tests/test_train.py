@@ -37,6 +37,7 @@ def test_outputs_are_loadable_and_complete(tiny_model):
     assert summary["train_images_per_second"] > 0 and summary["macs"] > 0
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights(tiny_data, tmp_path):
     cfg = tiny_config("train.model=seed_cnn")
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
@@ -68,6 +69,7 @@ def test_killed_run_resumes_to_identical_weights(tiny_data, tmp_path, monkeypatc
     assert list(log["epoch"]) == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_ema_weights_are_the_ones_validated_and_kept(tiny_data, tmp_path):
     (tmp_path / "raw").mkdir(), (tmp_path / "ema").mkdir()
     _train(tiny_data, tmp_path / "raw", tiny_config())
@@ -82,6 +84,7 @@ def test_ema_weights_are_the_ones_validated_and_kept(tiny_data, tmp_path):
     assert any(not torch.equal(ema[k], ckpt["model"][k]) for k in ema if ema[k].is_floating_point())
 
 
+@pytest.mark.slow
 def test_without_a_validation_part_the_last_epoch_is_kept(tiny_data, tmp_path):
     split = pd.read_csv(tiny_data.split)
     split["split"] = split["split"].replace("val", "train")  # what split.val_fraction=0 writes
@@ -98,6 +101,7 @@ def test_without_a_validation_part_the_last_epoch_is_kept(tiny_data, tmp_path):
     assert all(torch.equal(kept[k], final[k]) for k in kept)
 
 
+@pytest.mark.slow
 def test_with_a_validation_part_the_best_epoch_on_it_is_kept(tiny_data, tmp_path):
     split = pd.read_csv(tiny_data.split)
     first_train = split[split["split"] == "train"].groupby("label").head(1).index
@@ -111,6 +115,7 @@ def test_with_a_validation_part_the_best_epoch_on_it_is_kept(tiny_data, tmp_path
     assert summary["best_epoch"] == best.epoch and summary["val_accuracy"] == best.val_accuracy
 
 
+@pytest.mark.slow
 def test_changed_config_does_not_resume(tiny_data, tmp_path):
     _train(tiny_data, tmp_path, tiny_config())
     summary = _train(tiny_data, tmp_path, tiny_config("train.recipes.defectnet.lr=0.0001"))
@@ -118,6 +123,7 @@ def test_changed_config_does_not_resume(tiny_data, tmp_path):
     assert list(pd.read_csv(tmp_path / "log.csv")["epoch"]) == [1]
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_layout_does_not_resume(tiny_data, tmp_path, monkeypatch):
     from neu_model.model import networks as model
 
@@ -130,6 +136,7 @@ def test_checkpoint_of_another_model_layout_does_not_resume(tiny_data, tmp_path,
     model.build_model("defectnet").load_state_dict(saved["state_dict"])
 
 
+@pytest.mark.slow
 def test_arch_override_trains_and_saves_that_variant(tiny_data, tmp_path):
     cfg = tiny_config("train.recipes.defectnet.arch.widths=[4, 8, 16]", "train.recipes.defectnet.arch.detrend=0")
     summary = _train(tiny_data, tmp_path, cfg)
@@ -149,6 +156,7 @@ def test_bad_arch_value_stops_before_training(tiny_data, tmp_path):
     assert not (tmp_path / "ckpt.pt").exists() and not (tmp_path / "model.pt").exists()
 
 
+@pytest.mark.slow
 def test_images_memory_mapped_beyond_the_budget_train_to_the_same_weights(tiny_data, tmp_path):
     (tmp_path / "memory").mkdir(), (tmp_path / "mapped").mkdir()
     _train(tiny_data, tmp_path / "memory", tiny_config())

@@ -30,8 +30,8 @@ CLASSES: tuple[str, ...] = ("Cr", "In", "Pa", "PS", "RS", "Sc")
 CLASS_NAMES: dict[str, str] = {"Cr": "crazing", "In": "inclusion", "Pa": "patches", "PS": "pitted surface",
                                "RS": "rolled-in scale", "Sc": "scratches"}
 # Folder and NEU-DET spellings of the classes (``crazing/``, ``rolled-in_scale_12.xml``), lower case.
-FOLDER_CLASSES: dict[str, str] = {"crazing": "Cr", "inclusion": "In", "patches": "Pa", "pitted": "PS", "pitted_surface": "PS",
-                                  "rolled": "RS", "rolled_in_scale": "RS", "scratches": "Sc"}
+FOLDER_CLASSES: dict[str, str] = {"crazing": "Cr", "inclusion": "In", "patches": "Pa", "pitted": "PS",
+                                  "pitted_surface": "PS", "rolled": "RS", "rolled_in_scale": "RS", "scratches": "Sc"}
 
 
 
@@ -145,7 +145,7 @@ class Config:
     register: RegisterConfig
     inference: InferenceConfig
     export: ExportConfig
-    # neu_model.localisation.methods's knobs as params.yaml writes them; neu_model.localisation.methods.params_from_dict checks them
+    # the locate knobs as params.yaml writes them; neu_model.localisation.methods.params_from_dict checks them
     locate: Mapping[str, Any]
 
     def to_dict(self) -> dict[str, Any]:

@@ -199,7 +199,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", type=Path, default=defaults.model)
     parser.add_argument("--split", type=Path, default=defaults.split)
     parser.add_argument("--images", type=Path, default=defaults.images)
-    parser.add_argument("--out-dir", type=Path, default=defaults.out_dir, help="where model.onnx and model.int8.onnx go")
+    parser.add_argument("--out-dir", type=Path, default=defaults.out_dir,
+                        help="where model.onnx and model.int8.onnx go")
     parser.add_argument("--report", type=Path, default=defaults.report)
     return parser
 

@@ -275,5 +275,6 @@ def mlflow_run_link(run: dict, ui: str) -> str | None:
     return f"{ui.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
 
 
-__all__ = ["PipelineStage", "pipeline_stages", "SOURCE_FILE", "StageFailed", "ConfigError", "is_transient", "hold_workspace", "stage_env",
+__all__ = ["PipelineStage", "pipeline_stages", "SOURCE_FILE", "StageFailed", "ConfigError", "is_transient",
+           "hold_workspace", "stage_env",
            "stop_group", "run_logged", "repro", "repro_changed", "run_summary", "mlflow_run_link"]

@@ -72,8 +72,9 @@ def summary_lines(project: Path = Path(".")) -> list[str]:
         f"{n_test} images ({metrics.get('model', '?')})",
         f"robustness    mean accuracy {_pct(robustness.get('mean_accuracy'), 2)} over the corrupted copies"
         if robustness else "robustness    not measured",
-        f"review        {review.get('flagged', '?')} of {n_test} flagged ({_pct(review.get('flagged_share'))}) below "
-        f"confidence {review.get('below_confidence', '?')}; {review.get('accepted_errors', '?')} errors accepted unseen",
+        f"review        {review.get('flagged', '?')} of {n_test} flagged ({_pct(review.get('flagged_share'))}) "
+        f"below confidence {review.get('below_confidence', '?')}; {review.get('accepted_errors', '?')} errors "
+        "accepted unseen",
         localisation_line(metrics.get("localisation", {})),
         export_line(_read(project / paths.EXPORT_REPORT)),
         registry_line(_read(project / paths.REGISTRATION_FILE)),

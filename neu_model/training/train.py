@@ -256,7 +256,8 @@ def train(cfg: Config, split_file: Path = SPLIT_FILE, image_dir: Path | None = N
             ctx.check_weights(model, f"the weights after epoch {epoch + 1}")
             if not ctx.is_main:
                 continue
-            va = validation_stats(scored, val_set, recipe, device) if len(val_set) else EpochStats(math.nan, math.nan, 0.0)
+            va = (validation_stats(scored, val_set, recipe, device) if len(val_set)
+                  else EpochStats(math.nan, math.nan, 0.0))
             row = {"epoch": epoch + 1, "train_loss": tr.loss, "train_accuracy": tr.accuracy, "val_loss": va.loss,
                    "val_accuracy": va.accuracy, "lr": scheduler.get_last_lr()[0], "seconds": tr.seconds}
             state["history"].append(row)

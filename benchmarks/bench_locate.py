@@ -48,7 +48,7 @@ COLUMNS = ["box_accuracy", "recall", "precision", "pointing", "pointing_strict",
 
 
 def table(report: dict) -> pd.DataFrame:
-    """One row per method and class (``all`` first), the figures of ``locate.summarise`` in percent."""
+    """One row per method and class (``all`` first), the figures of ``locate.localisation_figures`` in percent."""
     rows = []
     for method, figures in report["methods"].items():
         for code, values in [("all", figures["overall"]), *figures["classes"].items()]:

@@ -145,7 +145,7 @@ def _publish(root: str, ran: dict, changed: list, mlflow_ui: str, overrides: lis
              failed: str | None = None) -> dict:
     """Create the run's artifacts: the markdown summary and the per-class metrics table (credentials
     of a URL in them are masked by ``training_markdown``)."""
-    summary = stages.summarize(root)
+    summary = stages.read_reports(root)
     link = orchestrate.mlflow_run_link(summary["run"], mlflow_ui)
     create_markdown_artifact(training_markdown(summary, ran, changed, ran["source"], link, failed, overrides),
                              key=SUMMARY_KEY,

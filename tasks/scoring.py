@@ -10,7 +10,7 @@ from prefect.tasks import exponential_backoff
 
 from neu_model.core.files import write_csv
 from neu_model.inference.input_files import NoImagesError
-from neu_model.inference.predict import rows_frame, score_inputs, summarize
+from neu_model.inference.predict import rows_frame, score_inputs, tile_counts
 from neu_model.inference.registry_files import load_pyfunc_model
 from neu_model.ops import sweep
 from tasks.retry import retry_if_transient
@@ -30,7 +30,7 @@ def score_images(inputs: list[str], model, out: str, review_below: float) -> dic
     """Score ``inputs``, write the predictions CSV to ``out``; returns the summary."""
     frame = score_inputs([Path(p) for p in inputs], model, review_below)
     write_csv(frame, Path(out))
-    summary = summarize(frame)
+    summary = tile_counts(frame)
     get_run_logger().info("scored %d images into %s: %s; %d need review", summary["n"], out, summary["counts"],
                           summary["needs_review"])
     return summary
@@ -71,7 +71,7 @@ def write_scores(frame, out: str, inputs: list[str]) -> dict:
     if frame.empty:
         raise NoImagesError(f"{', '.join(inputs)}: no images found (.bmp, .png, .jpg, .tif)")
     write_csv(frame, Path(out))
-    summary = summarize(frame)
+    summary = tile_counts(frame)
     get_run_logger().info("wrote %d predictions to %s: %s; %d need review", summary["n"], out, summary["counts"],
                           summary["needs_review"])
     return summary

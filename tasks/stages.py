@@ -53,7 +53,7 @@ def stage_task(stage: orchestrate.PipelineStage, **options):
     return run_stage.with_options(**settings)
 
 
-@task(name="summarize", cache_policy=NO_CACHE, timeout_seconds=120)
-def summarize(project: str) -> dict:
-    """Read what the workspace's reports say now (see ``orchestrate.run_summary``)."""
-    return orchestrate.run_summary(Path(project))
+@task(name="read_reports", cache_policy=NO_CACHE, timeout_seconds=120)
+def read_reports(project: str) -> dict:
+    """Read what the workspace's reports say now (see ``orchestrate.read_reports``)."""
+    return orchestrate.read_reports(Path(project))

@@ -60,7 +60,7 @@ def run_trial(trial: dict, baseline: dict, workdir: str, store: str, parent_id: 
         keep_workspace: keep the workspace after a finished trial (a failed one is always kept).
 
     Returns:
-        ``summary`` (``orchestrate.run_summary`` of the workspace), ``ran`` (stages DVC ran) and
+        ``summary`` (``orchestrate.read_reports`` of the workspace), ``ran`` (stages DVC ran) and
         ``workspace`` (its path, or None when removed).
     """
     logger = get_run_logger()
@@ -76,7 +76,7 @@ def run_trial(trial: dict, baseline: dict, workdir: str, store: str, parent_id: 
 
     try:
         ran = sweep_workspace.run_stages(workspace, trial["overrides"], env, TIMEOUTS, logger.info, adopt_run)
-        summary = orchestrate.run_summary(workspace)
+        summary = orchestrate.read_reports(workspace)
     except Exception as exc:
         logger.error("trial %s failed; its workspace is kept for a look: %s", trial["name"], workspace)
         raise sweep_workspace.TrialFailed(str(exc)) from exc

@@ -88,6 +88,7 @@ def test_full_disk_during_a_checkpoint_write_names_the_file_and_leaves_no_tempor
     assert [p.name for p in target.parent.iterdir()] == ["checkpoint.pt"]  # no temporary left behind
 
 
+@pytest.mark.slow
 def test_full_disk_stops_training_with_that_line_and_no_temporary(tiny_data, tmp_path, monkeypatch):
     from neu_model.training.train import train
 

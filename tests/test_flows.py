@@ -245,7 +245,7 @@ def test_a_bad_override_is_refused_before_any_stage(first_run, override, named):
     params, lock = (project / "params.yaml").read_text(), (project / "dvc.lock").read_text()
     state = training_flow(overrides=[override], data_source=first_run[3], project=str(project), return_state=True)
     assert state.is_failed() and named in state.message
-    assert set(task_runs(state)) <= {"summarize"}  # no stage ran
+    assert set(task_runs(state)) <= {"read_reports"}  # no stage ran
     assert (project / "params.yaml").read_text() == params and (project / "dvc.lock").read_text() == lock
 
 
@@ -283,13 +283,13 @@ class Uniform:
 
 
 def test_score_reads_folders_and_archives(tmp_path):
-    from neu_model.inference.predict import score_inputs, summarize
+    from neu_model.inference.predict import score_inputs, tile_counts
 
     archive = tmp_path / "b.zip"
     archive.write_bytes(fixture_zip())
     frame = score_inputs([FIXTURE_IMAGES, archive], Uniform(), review_below=0.45, batch_size=16)
     assert len(frame) == 60 and frame["file"].iloc[-1].startswith(f"{archive}:NEU-CLS/")
-    summary = summarize(frame, n_least=2)
+    summary = tile_counts(frame, n_least=2)
     assert summary["counts"] == {"Cr": 4, "In": 0, "Pa": 0, "PS": 0, "RS": 0, "Sc": 56}  # batches of 16
     assert summary["least_confident"][0]["confidence"] == pytest.approx(0.4)
     assert summary["needs_review"] == 4 and list(frame["needs_review"]) == list(frame["predicted"] == "Cr")

@@ -149,7 +149,8 @@ def test_url_errors_name_the_boxes_settings_and_hide_the_credentials(tmp_path, m
     no_proxy_in(tmp_path, monkeypatch)
     with serve({"/neu-det.zip": b"PK\x03\x04 not a zip at all"}, password="s3cret") as (base, _):
         url = base.replace("http://", "http://ci:s3cret@")
-        for path, named in (("/missing.zip", "HTTP 404"), ("/neu-det.zip", "not a CSV, folder, zip or tar archive")):
+        not_archive = "not a folder, zip or tar archive; point data.boxes"
+        for path, named in (("/missing.zip", "HTTP 404"), ("/neu-det.zip", not_archive)):
             with pytest.raises(StageError) as err:
                 box_table(url + path, tmp_path, retry_delays=FAST)
             message = str(err.value)

@@ -28,11 +28,11 @@ from neu_model.localisation.geometry import (
 from neu_model.localisation.methods import (
     Located,
     LocateParams,
+    localisation_figures,
     localisation_report,
     locate,
     params_from_dict,
     score_image,
-    summarise,
 )
 from neu_model.localisation.regions import RegionParams, classical_heat, heat_regions
 from neu_model.model.networks import build_model
@@ -90,7 +90,7 @@ def test_score_and_summary_of_hand_made_regions():
     rows = pd.DataFrame([score_image(hit, boxes), score_image(miss, boxes)])
     assert rows["hit"].tolist() == [True, False]
     assert rows["point"].tolist() == [True, False]  # centres (25, 24) and (79.5, 20): 29.5 px right of a box
-    summary = summarise(rows)
+    summary = localisation_figures(rows)
     assert summary["box_accuracy"] == 0.5
     assert summary["recall"] == round(1 / 4, 4) and summary["precision"] == round(1 / 3, 4)
     assert summary["pointing_max"] == 1.0  # the heat's maximum (130.5, 120.5) lies in the second box

@@ -21,7 +21,7 @@ from PIL import Image
 from neu_model.core.config import CLASSES, load_config
 from neu_model.core.paths import ROOT
 from neu_model.inference.loading import load_predictor
-from neu_model.inference.predict import cli, score_inputs, summarize
+from neu_model.inference.predict import cli, score_inputs, tile_counts
 from neu_model.inference.tiles import CSV_COLUMNS
 
 from conftest import FIXTURE_IMAGES
@@ -149,7 +149,7 @@ def test_out_file_matches_the_scoring_functions_frame(tiny_model, tmp_path, caps
     assert status == 1 and "wrote " in capsys.readouterr().err
     frame = score_inputs([*inputs, tmp_path / "bad.bmp"], load_predictor(tiny_model, device="cpu"), 0.5)
     assert (tmp_path / "p.csv").read_text() == frame.to_csv(index=False)
-    summary = summarize(frame)
+    summary = tile_counts(frame)
     assert summary["n"] == 8 and summary["errors"] == 1 and sum(summary["counts"].values()) == 7
 
 

@@ -100,7 +100,7 @@ def test_the_command_refuses_a_bad_sweep_file_in_one_line_before_any_flow(tmp_pa
 # ---------------------------------------------------------------- fast: the table and the best trial
 
 def summary(val: float | None, test: float, seconds: float = 10.0) -> dict:
-    """What a trial's workspace reports hold (orchestrate.run_summary), reduced to what the table reads."""
+    """What a trial's workspace reports hold (orchestrate.read_reports), reduced to what the table reads."""
     return {"train": {"model": "defectnet", "epochs": 3, "best_epoch": 2, "val_accuracy": val,
                       "train_seconds": seconds, "train_images_per_second": 100.0, "params": 395454, "macs": 14444160},
             "metrics": {"accuracy": test, "macro_f1": test, "errors": round((1 - test) * 540), "in_ps_errors": 0,

@@ -52,7 +52,8 @@ def typed(value: Any, hint: Any, key: str) -> Any:
     if origin is tuple and isinstance(value, (list, tuple)):
         fixed = len(args) > 1 and args[-1] is not Ellipsis  # tuple[float, float]: exactly two
         if fixed and len(value) != len(args):
-            raise ConfigError(f"params.yaml: {key}={list(value)!r} must be a list of {len(args)} values")
+            kind = "numbers" if set(args) <= {int, float} else "values"
+            raise ConfigError(f"params.yaml: {key}={list(value)!r} must be a list of {len(args)} {kind}")
         return tuple(typed(v, args[i] if fixed else args[0], f"{key}[{i}]") for i, v in enumerate(value))
     if origin is Mapping and isinstance(value, Mapping):
         return {k: typed(v, args[1], join_key(key, k)) for k, v in value.items()}

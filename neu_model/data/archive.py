@@ -11,13 +11,14 @@ library's safe-extraction policy.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import posixpath
 import stat
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -145,23 +146,36 @@ def copy_limited(src: BinaryIO, target: Path, member: Member, budget: list[int],
             out.write(block)
 
 
+@contextlib.contextmanager
+def open_members(archive: Path, dest: Path, not_archive_fix: str) -> Iterator[list[Member]]:
+    """Every member of a zip or tar archive, judged (kind, size, links escaping ``dest``) and
+    openable while the block runs: the one reader of archives behind the download and boxes stages.
+
+    Raises:
+        StageError: not an archive (``not_archive_fix`` says what to point at instead), a damaged
+            one, or a member whose path would leave ``dest``.
+    """
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                yield list(_zip_members(zf, archive))
+        elif tarfile.is_tarfile(archive):
+            with tarfile.open(archive) as tf:
+                yield list(_tar_members(tf, archive, dest))
+        else:
+            raise DamagedArchive(archive, _not_archive(archive), not_archive_fix)
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        raise DamagedArchive(archive, f"damaged archive ({exc})", "delete it and download it again") from None
+
+
 def extract(archive: Path, dest: Path, max_bytes: int = MAX_BYTES) -> None:
     """Extract the image files of a zip or tar archive into ``dest``; every member is checked first.
 
     Raises:
         StageError: not an archive, a damaged one, or an unsafe one (see the module's doc).
     """
-    try:
-        if zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as zf:
-                _unpack(list(_zip_members(zf, archive)), archive, dest, max_bytes)
-        elif tarfile.is_tarfile(archive):
-            with tarfile.open(archive) as tf:
-                _unpack(list(_tar_members(tf, archive, dest)), archive, dest, max_bytes)
-        else:
-            raise DamagedArchive(archive, _not_archive(archive), "point data.source at a folder, zip or tar archive")
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-        raise DamagedArchive(archive, f"damaged archive ({exc})", "delete it and download it again") from None
+    with open_members(archive, dest, "point data.source at a folder, zip or tar archive") as members:
+        _unpack(members, archive, dest, max_bytes)
 
 
 def _unpack(members: list[Member], archive: Path, dest: Path, max_bytes: int) -> None:

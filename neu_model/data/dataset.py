@@ -20,8 +20,6 @@ from neu_model.core.config import CLASSES
 from neu_model.core.paths import IMAGE_DIR, MANIFEST, SPLIT_FILE
 from neu_model.core.stage import StageError
 
-SPLITS = ("train", "val", "test")
-
 
 @dataclass(frozen=True)
 class ImageSet:

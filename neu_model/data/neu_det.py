@@ -19,10 +19,6 @@ import hashlib
 import io
 import logging
 import re
-import stat
-import tarfile
-import zipfile
-import zlib
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from xml.etree import ElementTree
@@ -31,7 +27,7 @@ import pandas as pd
 
 from neu_model.core.config import CLASSES, FOLDER_CLASSES
 from neu_model.core.stage import StageError
-from neu_model.data.archive import member_parts
+from neu_model.data.archive import open_members
 from neu_model.data.fetch import fetch_url
 
 BOX_COLUMNS = ["file", "label", "box_class", "xmin", "ymin", "xmax", "ymax", "width", "height"]
@@ -152,29 +148,18 @@ def _archive_members(archive: Path) -> list[tuple[str, bytes]]:
     """(name, bytes) of the plain .xml/.csv members, read in memory; names pass the download
     stage's path check, and links, devices and members over ``MAX_MEMBER_BYTES`` are refused."""
     wanted = (".xml", ".csv")
-
-    def take(name: str, size: int, plain: bool) -> bool:
-        parts = member_parts(name, archive)
-        if not parts or not parts[-1].lower().endswith(wanted) or "__MACOSX" in parts:
-            return False
-        if not plain or size > MAX_MEMBER_BYTES:
-            raise StageError(f"{archive}: member {name!r} is not a plain file under {MAX_MEMBER_BYTES >> 20} MB; "
-                             f"pack the annotation files themselves")
-        return True
-
-    try:
-        if zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as zf:
-                return [(i.filename, zf.read(i)) for i in zf.infolist()
-                        if not i.is_dir() and take(i.filename, i.file_size, not stat.S_ISLNK(i.external_attr >> 16))]
-        if tarfile.is_tarfile(archive):
-            with tarfile.open(archive) as tf:
-                return [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()
-                        if not m.isdir() and take(m.name, m.size, m.isreg())]
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-        raise StageError(f"{archive}: damaged archive ({exc}); delete it and download it again") from None
-    raise StageError(f"{archive}: not a CSV, folder, zip or tar archive of box annotations; "
-                     f"point data.boxes (or NEU_BOXES_SOURCE) at one of those")
+    fix = "point data.boxes (or NEU_BOXES_SOURCE) at a CSV, folder, zip or tar archive of box annotations"
+    with open_members(archive, archive.parent, fix) as members:
+        found = []
+        for m in members:
+            if m.kind == "dir" or not m.parts or not m.parts[-1].lower().endswith(wanted) or "__MACOSX" in m.parts:
+                continue
+            if m.kind != "file" or m.size > MAX_MEMBER_BYTES:
+                raise StageError(f"{archive}: member {m.name!r} is not a plain file under {MAX_MEMBER_BYTES >> 20} "
+                                 f"MB; pack the annotation files themselves")
+            with m.open() as fh:
+                found.append((m.name, fh.read(MAX_MEMBER_BYTES + 1)))
+        return found
 
 
 def read_boxes(source: str | Path, cache_dir: Path = Path("data/cache")) -> pd.DataFrame:

@@ -65,7 +65,7 @@ def split_report(model: nn.Module, data: ImageSet, table: pd.DataFrame, params: 
     return localisation_report(model, data.images, data.labels, data.files, table, params)
 
 
-def summary(test: Mapping, best_on_validation: str | None) -> dict:
+def metrics_entry(test: Mapping, best_on_validation: str | None) -> dict:
     """What metrics.json keeps: the chosen method, the validation's best and each method's main test figures."""
     return {"chosen": test["chosen"], "best_on_validation": best_on_validation, "images": test["images"],
             "methods": {m: {k: figures["overall"][k] for k in SUMMARY_KEYS} for m, figures in test["methods"].items()}}
@@ -108,7 +108,7 @@ def localise(model: nn.Module, test: ImageSet, val: ImageSet, table: pd.DataFram
         "rule": "the chosen method is locate.method; best_on_validation: the highest box accuracy on the "
                 "validation images (the test images never choose)",
         "test": test_report, "validation": val_report or {"skipped": "no validation image has boxes of its class"}})
-    result = summary(test_report, best)
+    result = metrics_entry(test_report, best)
     chosen = result["methods"][params.method]
     log.info("localisation (%s) on %d test images: box accuracy %.3f, recall %.3f, precision %.3f, pointing "
              "%.3f; gallery of %d images; %.1fs", params.method, result["images"], chosen["box_accuracy"],

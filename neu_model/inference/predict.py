@@ -108,7 +108,7 @@ def score_inputs(inputs: Sequence[Path | str], model: Predictor, review_below: f
     return rows_frame(row for _, rows in scored(with_progress(stream), model, review_below) for row in rows)
 
 
-def summarize(frame: pd.DataFrame, n_least: int = 10) -> dict:
+def tile_counts(frame: pd.DataFrame, n_least: int = 10) -> dict:
     """Tiles per predicted class (every class listed), how many need review (error rows
     included), unreadable files, and the ``n_least`` least confident tiles."""
     counts = frame["predicted"].value_counts()

@@ -49,13 +49,6 @@ def draw_overlay(ax, image: np.ndarray, located: Located, boxes: np.ndarray, tit
     ax.axis("off")
 
 
-def overlay_figure(image: np.ndarray, located: Located, boxes: np.ndarray, title: str, path: Path) -> None:
-    """One image's overlay as a PNG at ``path``."""
-    fig, ax = plt.subplots(figsize=(3.2, 3.4))
-    draw_overlay(ax, image, located, boxes, title)
-    _save(fig, path)
-
-
 def gallery_indices(labels: Sequence[int], predicted: Sequence[int], per_class: int = 2) -> list[int]:
     """Every misclassified image, then the first ``per_class`` correct ones of each class."""
     wrong = [i for i, (t, p) in enumerate(zip(labels, predicted, strict=True)) if t != p]

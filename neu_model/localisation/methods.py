@@ -223,7 +223,7 @@ def score_image(located: Located, boxes: np.ndarray) -> dict:
     }
 
 
-def summarise(scores: pd.DataFrame) -> dict:
+def localisation_figures(scores: pd.DataFrame) -> dict:
     """Box accuracy, recall, precision and pointing figures of per-image ``score_image`` rows."""
     if scores.empty:
         return {"images": 0}
@@ -255,7 +255,7 @@ def localisation_report(model: nn.Module | None, images: torch.Tensor, labels: t
 
     Returns:
         ``{"chosen": method, "images": n, "unannotated": m, "methods": {method: {"overall": {...},
-        "classes": {code: {...}}}}}`` with the figures of ``summarise``.
+        "classes": {code: {...}}}}}`` with the figures of ``localisation_figures``.
     """
     params = method_params if isinstance(method_params, LocateParams) else (
         params_from_dict(method_params) if method_params is not None else DEFAULT_LOCATE)
@@ -274,7 +274,8 @@ def localisation_report(model: nn.Module | None, images: torch.Tensor, labels: t
             rows.append({"class": codes[i], **score_image(located, truth[files[i]])})
         table = pd.DataFrame(rows)
         report["methods"][method] = {
-            "overall": summarise(table),
-            "classes": {c: summarise(table[table["class"] == c]) for c in CLASSES if (table["class"] == c).any()},
+            "overall": localisation_figures(table),
+            "classes": {c: localisation_figures(table[table["class"] == c]) for c in CLASSES
+                        if (table["class"] == c).any()},
         }
     return report

@@ -239,7 +239,7 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def run_summary(project: Path) -> dict:
+def read_reports(project: Path) -> dict:
     """What the workspace's reports say now: data version, model, metrics, MLflow run, registry.
 
     Returns:
@@ -277,4 +277,4 @@ def mlflow_run_link(run: dict, ui: str) -> str | None:
 
 __all__ = ["PipelineStage", "pipeline_stages", "SOURCE_FILE", "StageFailed", "ConfigError", "is_transient",
            "hold_workspace", "stage_env",
-           "stop_group", "run_logged", "repro", "repro_changed", "run_summary", "mlflow_run_link"]
+           "stop_group", "run_logged", "repro", "repro_changed", "read_reports", "mlflow_run_link"]

@@ -168,7 +168,7 @@ def _pct(value: Any) -> float:
 
 
 def results(summary: Mapping[str, Any]) -> dict[str, Any]:
-    """The result columns from what a trial's workspace holds (``orchestrate.run_summary``)."""
+    """The result columns from what a trial's workspace holds (``orchestrate.read_reports``)."""
     train, metrics = summary.get("train") or {}, summary.get("metrics") or {}
     review, robust = metrics.get("review") or {}, metrics.get("robustness") or {}
     macs, params = train.get("macs"), train.get("params")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from neu_model.core.config import CLASSES, load_config
@@ -153,13 +154,17 @@ def test_out_file_matches_the_scoring_functions_frame(tiny_model, tmp_path, caps
     assert summary["n"] == 8 and summary["errors"] == 1 and sum(summary["counts"].values()) == 7
 
 
-def test_review_threshold_flags_the_less_confident(tiny_model, capsys):
+def test_review_threshold_flags_the_less_confident_and_the_unknown(tiny_model, capsys):
     _, frame, _ = predict(capsys, tiny_model, FIXTURE_IMAGES, "--review-below", "0")
-    assert (frame["needs_review"].astype(str) == "False").all()
+    unknown = frame["unknown"].astype(str) == "True"
+    assert list(frame["needs_review"].astype(str) == "True") == list(unknown)  # confidence flags nothing
+    threshold = torch.load(tiny_model, weights_only=True)["unknown"]["threshold"]
+    assert list(unknown) == list(frame["unknown_score"].astype(float) > threshold)
     middle = float(frame["confidence"].astype(float).median())
     _, flagged, _ = predict(capsys, tiny_model, FIXTURE_IMAGES, "--review-below", str(middle))
-    expected = frame["confidence"].astype(float) < middle
-    assert list(flagged["needs_review"].astype(str) == "True") == list(expected) and 0 < expected.sum() < len(frame)
+    expected = (frame["confidence"].astype(float) < middle) | unknown
+    assert list(flagged["needs_review"].astype(str) == "True") == list(expected)
+    assert 0 < (frame["confidence"].astype(float) < middle).sum() < len(frame)
 
 
 @pytest.mark.slow

@@ -117,6 +117,9 @@ def test_overlays_draw_one_png_per_image_with_its_boxes(tiny_model, tmp_path, ca
             x0, y0, x1, y1, _ = tile_boxes[0]
             middles = [(x0, (y0 + y1) // 2), (x1 - 1, (y0 + y1) // 2), ((x0 + x1) // 2, y0), ((x0 + x1) // 2, y1 - 1)]
             clear = [(x, y) for x, y in middles if not (x < int(row.x) + LABEL[0] and y < int(row.y) + LABEL[1])]
+            if str(row.needs_review) == "True":  # an unknown tile: its review outline covers the tile's edge
+                x_tile, y_tile = int(row.x), int(row.y)
+                clear = [(x, y) for x, y in clear if 6 <= x - x_tile < 194 and 6 <= y - y_tile < 194]
             assert clear, "a box wholly under the label"
             # the best box's outline is green at the middle of each edge
             assert all(tuple(pixels[y, x]) == TOP_BOX for x, y in clear), (row.file, row.x, row.y, tile_boxes[0])

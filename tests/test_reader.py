@@ -270,9 +270,10 @@ def test_stopping_early_ends_the_reader_thread():
 
 def test_csv_contract_and_error_rows():
     assert CSV_COLUMNS == ("file", "x", "y", "predicted", "confidence", "needs_review", "p_Cr", "p_In", "p_Pa",
-                           "p_PS", "p_RS", "p_Sc", "error")
+                           "p_PS", "p_RS", "p_Sc", "unknown_score", "unknown", "error")
     row = error_row(ReadError("a.bmp", "empty file"))
     assert list(row) == list(CSV_COLUMNS) and row["needs_review"] is True and row["predicted"] == ""
+    assert row["unknown"] == row["unknown_score"] == ""
 
 
 def test_notes_are_counted_per_image_and_shown_for_the_first_few():

@@ -29,6 +29,8 @@ BOXES_SOURCE_ENV = "NEU_BOXES_SOURCE"  # overrides data.boxes, as NEU_DATA_SOURC
 CLASSES: tuple[str, ...] = ("Cr", "In", "Pa", "PS", "RS", "Sc")
 CLASS_NAMES: dict[str, str] = {"Cr": "crazing", "In": "inclusion", "Pa": "patches", "PS": "pitted surface",
                                "RS": "rolled-in scale", "Sc": "scratches"}
+# The unknown-input scores of neu_model.inference.unknown (here: loading params needs no torch).
+UNKNOWN_METHODS = ("msp", "energy", "maxlogit", "mahalanobis", "knn")
 # Folder and NEU-DET spellings of the classes (``crazing/``, ``rolled-in_scale_12.xml``), lower case.
 FOLDER_CLASSES: dict[str, str] = {"crazing": "Cr", "inclusion": "In", "patches": "Pa", "pitted": "PS",
                                   "pitted_surface": "PS", "rolled": "RS", "rolled_in_scale": "RS", "scratches": "Sc"}
@@ -125,6 +127,13 @@ class InferenceConfig:
 
 
 @dataclass(frozen=True)
+class UnknownConfig:
+    method: str  # msp, energy, maxlogit, mahalanobis or knn (neu_model.inference.unknown)
+    flag_share: float  # the threshold flags this share of the validation part
+    k: int  # knn: the k-th nearest training feature
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     tolerance: float  # largest probability difference from PyTorch of an fp32 variant
     max_accuracy_images: int  # test images a bf16 / int8 variant may be apart from fp32
@@ -144,6 +153,7 @@ class Config:
     mlflow: MlflowConfig
     register: RegisterConfig
     inference: InferenceConfig
+    unknown: UnknownConfig
     export: ExportConfig
     # the locate knobs as params.yaml writes them; neu_model.localisation.methods.params_from_dict checks them
     locate: Mapping[str, Any]
@@ -206,6 +216,11 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
     if type(cfg.train.memory_budget_mb) is not int or cfg.train.memory_budget_mb < 0:  # bool is no size
         raise ConfigError(f"train.memory_budget_mb={cfg.train.memory_budget_mb!r} must be a whole number of "
                           "megabytes >= 0 (0: always memory-map the images)")
+    if cfg.unknown.method not in UNKNOWN_METHODS:
+        raise ConfigError(f"unknown.method={cfg.unknown.method!r}: choose one of {', '.join(UNKNOWN_METHODS)}")
+    if not 0 < cfg.unknown.flag_share < 1 or cfg.unknown.k < 1:
+        raise ConfigError(f"unknown.flag_share={cfg.unknown.flag_share} must be in (0, 1) and unknown.k="
+                          f"{cfg.unknown.k} at least 1")
     if not 0 <= cfg.review.below_confidence <= 1:
         raise ConfigError(f"review.below_confidence={cfg.review.below_confidence} must be in [0, 1] "
                           "(0 flags nothing, 1 flags everything)")

@@ -37,6 +37,8 @@ from neu_model.evaluation.figures import confusion_figure, gallery_figure
 from neu_model.evaluation.localisation import GALLERY_FILE, REPORT_FILE, localise, mlflow_metrics, read_box_file
 from neu_model.evaluation.metrics import classification_metrics, review_curve, review_metrics
 from neu_model.evaluation.prediction_table import predictions_frame
+from neu_model.evaluation.unknown_report import mlflow_metrics as unknown_metrics
+from neu_model.evaluation.unknown_report import unknown_report
 from neu_model.inference.torch_model import MirrorAverage, load_torch_model, predict_logits, select_device
 from neu_model.localisation.methods import params_from_dict
 from neu_model.registry import tracking
@@ -84,6 +86,7 @@ def log_evaluation(run: tracking.Run | None, metrics: Mapping[str, Any], reports
     values |= {f"robustness_{k}": v for k, v in metrics.get("robustness", {}).items()}
     values |= {f"review_{k}": v for k, v in metrics.get("review", {}).items()}
     values |= mlflow_metrics(metrics.get("localisation", {}))
+    values |= unknown_metrics(metrics.get("unknown", {}))
     run.log_metrics(values)
     table = pd.DataFrame([{"class": c} | row for c, row in metrics["per_class"].items()])
     # log_dict, not log_table: log_table appends to an existing file, so re-evaluating the same
@@ -146,6 +149,8 @@ def evaluate(cfg: Config, model_file: Path = MODEL_FILE, split_file: Path = SPLI
                               "suite_accepted_error_rate": round(table["accepted_errors"].sum() / n_images, 6)}
     metrics["localisation"] = localise(net, test, load_split("val", split_file, **images), boxes, locate_params,
                                        reports)
+    metrics["unknown"] = unknown_report(net.cpu(), meta.get("unknown"), test, image_dir or paths.IMAGE_DIR,
+                                        cfg.evaluate.batch_size, cfg.evaluate.robustness)
     write_json(reports / "metrics.json", metrics)
     log_evaluation(run, metrics, reports, split_file)
     return metrics

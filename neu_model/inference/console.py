@@ -65,7 +65,7 @@ class ImageReport:
         self.hidden: Counter = Counter()
         self.notes = NoteTally()
         self.map_names: set[str] = set()
-        self.n_images = self.n_tiles = self.flagged = self.errors = 0
+        self.n_images = self.n_tiles = self.flagged = self.unknown = self.errors = 0
 
     def say(self, kind: str, line: str) -> None:
         """Print ``line`` unless ``show`` lines of ``kind`` were printed already."""
@@ -88,7 +88,7 @@ class ImageReport:
             if row["file"] != self.current:
                 self.finish()
                 self.current = row["file"]
-            self.tiles.append((row["x"], row["y"], row["predicted"], row["needs_review"]))
+            self.tiles.append((row["x"], row["y"], row["predicted"], row["needs_review"], row.get("unknown") is True))
             if self.notes.add(row["file"], note):
                 self.say("note", f"{row['file']}: note: {note}")
 
@@ -98,14 +98,16 @@ class ImageReport:
             return
         file, tiles = self.current, self.tiles
         counts = Counter(t[2] for t in tiles)
-        flagged = sum(t[3] for t in tiles)
+        flagged, unknown = sum(t[3] for t in tiles), sum(t[4] for t in tiles)
         self.n_images += 1
+        self.unknown += unknown
         self.n_tiles += len(tiles)
         self.classes.update(counts)
         self.flagged += flagged
         image = self.images.pop(file, None)
         if len(tiles) > 1:
-            line = f"{file}: {len(tiles)} tiles: {class_counts(counts)}; {flagged} flagged for review"
+            line = (f"{file}: {len(tiles)} tiles: {class_counts(counts)}; {flagged} flagged for review"
+                    + (f", {unknown} of them unknown input" if unknown else ""))
             if self.map_dir is not None and image is not None:
                 path = strip_map(image, tiles, self.map_dir / map_name(file, self.map_names))
                 line += f"; map {path}"
@@ -120,7 +122,8 @@ class ImageReport:
             print(line, file=self.out)
         left_out = [f"{n} {kind} line{'s' * (n > 1)}" for kind, n in self.hidden.items() if n]
         total = (f"scored {self.n_images} image{'s' * (self.n_images != 1)}, {self.n_tiles} tiles: "
-                 f"{class_counts(self.classes) or 'no tiles'}; {self.flagged} tiles flagged for review; "
+                 f"{class_counts(self.classes) or 'no tiles'}; {self.flagged} tiles flagged for review "
+                 f"({self.unknown} unknown input); "
                  f"{self.errors} unreadable file{'s' * (self.errors != 1)}"
                  + (" (error rows)" if self.errors else ""))
         if out is not None:

@@ -41,10 +41,12 @@ from neu_model.core.files import sha256_file, write_json
 from neu_model.core.stage import StageError, run_stage
 from neu_model.data import corruptions
 from neu_model.data.dataset import ImageSet, load_split, to_float
+from neu_model.data.foreign import foreign_sets
 from neu_model.inference import runtimes
 from neu_model.inference.onnx_graphs import OPSET, export_onnx, native_pooling, quantize_int8
-from neu_model.inference.predictors import Predictor, predict_batched
+from neu_model.inference.predictors import Predictor, predict_batched, scored_probabilities
 from neu_model.inference.torch_model import TorchPredictor, load_torch_model, probability_model
+from neu_model.inference.unknown import ScoredModel, UnknownScorer
 
 log = logging.getLogger("neu_model.inference.export")
 
@@ -82,6 +84,9 @@ def variant_figures(probs: np.ndarray, suite: list[np.ndarray], reference: np.nd
 def verdict(name: str, figures: dict, reference: dict, ex: ExportConfig) -> tuple[bool, str]:
     """Whether variant ``name`` is offered, and why (or why not)."""
     if runtimes.VARIANTS[name].precision not in REDUCED:
+        if figures.get("unknown_changed_flags"):
+            return False, (f"parity failed: {figures['unknown_changed_flags']} tiles flagged unknown otherwise "
+                           "than in PyTorch")
         if figures["changed_predictions"] or figures["max_prob_diff"] > ex.tolerance:
             return False, (f"parity failed: {figures['changed_predictions']} changed predictions, largest "
                            f"probability difference {figures['max_prob_diff']:.2g} (tolerance {ex.tolerance:g})")
@@ -93,6 +98,32 @@ def verdict(name: str, figures: dict, reference: dict, ex: ExportConfig) -> tupl
                        f"mean {robustness_points:.2f} points apart (at most {ex.max_robustness_points:g})")
     return True, (f"within {ex.max_accuracy_images} test image(s) and {ex.max_robustness_points:g} suite "
                   f"points of fp32")
+
+
+def unknown_sets(test: ImageSet, image_dir: Path) -> dict[str, np.ndarray]:
+    """The test images and the non-steel sets derived from them, float32 in [0, 1]."""
+    files = [(image_dir / f).read_bytes() for f in test.files]
+    sets = {"test": test.images.numpy()} | foreign_sets(test.images.numpy(), files)
+    return {name: images.astype(np.float32) / 255 for name, images in sets.items()}
+
+
+def unknown_parity(predictors: dict[str, Predictor], sets: dict[str, np.ndarray], batch_size: int) -> dict:
+    """Per variant: the largest difference of its unknown scores from PyTorch's, relative to the
+    threshold, and how many tiles it flags otherwise (test images and every non-steel set)."""
+    def scores(predictor: Predictor) -> np.ndarray:
+        return np.concatenate([predict_batched(lambda b: scored_probabilities(predictor, b)[1], images, batch_size)
+                               for images in sets.values()])
+
+    reference, threshold = scores(predictors["torch"]), predictors["torch"].unknown_threshold
+    out = {}
+    for name, predictor in list(predictors.items())[1:]:
+        own = scores(predictor)
+        own_threshold = getattr(predictor, "unknown_threshold", None)
+        out[name] = {"unknown_tiles": len(own), "unknown_max_diff": float(np.abs(own - reference).max()),
+                     "unknown_max_rel_diff": float(np.abs(own - reference).max() / max(abs(threshold), 1e-12)),
+                     "unknown_changed_flags": int(((own > (own_threshold if own_threshold is not None else np.inf))
+                                                   != (reference > threshold)).sum())}
+    return out
 
 
 def unsupported(name: str) -> str | None:
@@ -117,13 +148,18 @@ def calibration_images(split_file: Path, image_dir: Path, count: int, seed: int 
     return to_float(train.images[pick]).numpy()
 
 
-def write_graphs(net: nn.Module, cfg: Config, files: ExportFiles, image_size: int) -> tuple[Path, Path]:
+def write_graphs(net: nn.Module, meta: dict, cfg: Config, files: ExportFiles, image_size: int) -> tuple[Path, Path]:
     """Export ``net`` (loaded from ``files.model``) to ONNX and quantise it; returns the fp32 and int8 files."""
     onnx_file, int8_file = files.out_dir / paths.ONNX_FILE, files.out_dir / paths.INT8_FILE
-    mirror = cfg.inference.mirror
+    mirror, stats = cfg.inference.mirror, meta.get("unknown")
     metadata = {"mirror": str(mirror).lower(), "source_sha256": sha256_file(files.model)}
-    graph = probability_model(native_pooling(copy.deepcopy(net)), mirror)
-    export_onnx(graph, onnx_file, image_size, metadata)
+    plain = native_pooling(copy.deepcopy(net))
+    if stats:  # a second output: the unknown score, and its threshold in the metadata
+        graph = ScoredModel(plain, UnknownScorer(stats), mirror)
+        metadata |= {runtimes.UNKNOWN_THRESHOLD_KEY: repr(float(stats["threshold"])), "unknown_method": stats["method"]}
+    else:
+        graph = probability_model(plain, mirror)
+    export_onnx(graph, onnx_file, image_size, metadata, unknown=bool(stats))
     quantize_int8(onnx_file, int8_file, calibration_images(files.split, files.images, cfg.export.calibration_images))
     log.info("wrote %s and %s", onnx_file, int8_file)
     return onnx_file, int8_file
@@ -155,10 +191,10 @@ def export(cfg: Config, files: ExportFiles = ExportFiles()) -> dict:
     Settings: ``inference.mirror`` (mirror averaging in the graph) and the ``export`` section.
     """
     ex, mirror = cfg.export, cfg.inference.mirror
-    net = load_torch_model(files.model)[0]
+    net, meta = load_torch_model(files.model)
     test = load_data(files.split, files.images, "test")
-    onnx_file, int8_file = write_graphs(net, cfg, files, test.images.shape[-1])
-    predictors = {"torch": TorchPredictor(net, mirror=mirror)}
+    onnx_file, int8_file = write_graphs(net, meta, cfg, files, test.images.shape[-1])
+    predictors = {"torch": TorchPredictor(net, meta=meta, mirror=mirror)}
     entries = {}
     for name, variant in runtimes.VARIANTS.items():
         reason = None if name == "torch" else unsupported(name)
@@ -171,8 +207,10 @@ def export(cfg: Config, files: ExportFiles = ExportFiles()) -> dict:
     clean = {name: timed_predictions(predictor, images, ex.batch_size) for name, predictor in predictors.items()}
     suite = suite_predictions(predictors, test.images, ex.batch_size)
     reference = variant_figures(clean["torch"][0], suite["torch"], clean["torch"][0], suite["torch"], labels)
+    unknown = unknown_parity(predictors, unknown_sets(test, files.images), ex.batch_size) if meta.get("unknown") else {}
     for name in list(predictors)[1:]:
         figures = variant_figures(clean[name][0], suite[name], clean["torch"][0], suite["torch"], labels)
+        figures |= unknown.get(name, {})
         kept, reason = verdict(name, figures, reference, ex)
         variant = runtimes.VARIANTS[name]
         entries[name] = {"runtime": variant.runtime, "file": variant.file, "precision": variant.precision,

@@ -24,7 +24,7 @@ from neu_model.core.files import atomic_path
 from neu_model.model.networks import MaxPool2x2, TrimmedPool2d
 
 OPSET = 18
-INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
+INPUT_NAME, OUTPUT_NAME, UNKNOWN_OUTPUT = "images", "probabilities", "unknown_score"
 
 
 class PooledTrimmedMean(nn.Module):
@@ -68,8 +68,10 @@ def quiet_loggers(*names: str) -> Iterator[None]:
             logger.setLevel(level)
 
 
-def export_onnx(model: nn.Module, path: Path, image_size: int = 200, metadata: dict[str, str] | None = None) -> None:
-    """Write ``model`` (images to probabilities) as ONNX with a dynamic batch dimension.
+def export_onnx(model: nn.Module, path: Path, image_size: int = 200, metadata: dict[str, str] | None = None,
+                unknown: bool = False) -> None:
+    """Write ``model`` (images to probabilities, and with ``unknown`` to (probabilities, unknown
+    score)) as ONNX with a dynamic batch dimension.
 
     torch.export-based exporter (``dynamo=True``): the legacy TorchScript exporter is
     deprecated, warns on Detrend's shape check and writes four times the nodes for the same graph.
@@ -82,11 +84,14 @@ def export_onnx(model: nn.Module, path: Path, image_size: int = 200, metadata: d
     # every rewrite of its optimiser at INFO.
     with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), quiet_loggers("onnxscript", "onnx_ir"):
         program = torch.onnx.export(model.eval(), (example,), dynamo=True, opset_version=OPSET,
-                                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                    input_names=[INPUT_NAME],
+                                    output_names=[OUTPUT_NAME, *([UNKNOWN_OUTPUT] if unknown else [])],
                                     dynamic_shapes=({0: batch},), external_data=False, optimize=True)
     proto = program.model_proto
     proto.doc_string = (f"NEU-CLS surface-defect classifier: {INPUT_NAME} float32 (N, 1, {image_size}, {image_size}) "
-                        f"grayscale in [0, 1] -> {OUTPUT_NAME} (N, {len(CLASSES)}) in class order {', '.join(CLASSES)}")
+                        f"grayscale in [0, 1] -> {OUTPUT_NAME} (N, {len(CLASSES)}) in class order {', '.join(CLASSES)}"
+                        + (f", {UNKNOWN_OUTPUT} (N,): above metadata unknown_threshold, unlike the training images"
+                           if unknown else ""))
     onnx.helper.set_model_props(proto, {"classes": ",".join(CLASSES), **(metadata or {})})
     with atomic_path(path) as tmp:
         onnx.save(proto, str(tmp))

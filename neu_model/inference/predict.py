@@ -43,7 +43,7 @@ from neu_model.core.paths import PARAMS_FILE
 from neu_model.core.stage import StageError, run_stage
 from neu_model.inference.console import ImageReport
 from neu_model.inference.loading import RUNTIME_NAMES, LoadedModel, load_model
-from neu_model.inference.predictors import Predictor, probabilities
+from neu_model.inference.predictors import Predictor, scored_probabilities
 from neu_model.inference.registry_files import NO_CHAMPION_FIX, NO_VERSION_FIX, champion_uri
 from neu_model.inference.tiles import (
     CSV_COLUMNS,
@@ -59,22 +59,30 @@ from neu_model.inference.tiles import (
 Scored = tuple[Batch | ReadError, list[dict]]
 
 
-def tile_rows(batch: Batch, probs: np.ndarray, review_below: float) -> list[dict]:
-    """The CSV rows of one batch of tiles and its (B, classes) probabilities."""
+def tile_rows(batch: Batch, probs: np.ndarray, review_below: float, scores: np.ndarray | None = None,
+              threshold: float | None = None) -> list[dict]:
+    """The CSV rows of one batch of tiles, its (B, classes) probabilities and its unknown scores
+    (None: the model has no statistics, the two columns stay empty)."""
     confidence, best = probs.max(axis=1), probs.argmax(axis=1)
+    unknown = [None] * len(probs) if scores is None or threshold is None else list(scores > threshold)
     return [{"file": file, "x": batch.xs[i], "y": batch.ys[i], "predicted": CLASSES[best[i]],
-             "confidence": round(float(confidence[i]), 6), "needs_review": bool(confidence[i] < review_below),
-             **{f"p_{c}": round(float(probs[i, j]), 6) for j, c in enumerate(CLASSES)}, "error": ""}
+             "confidence": round(float(confidence[i]), 6),
+             "needs_review": bool(confidence[i] < review_below or unknown[i]),
+             **{f"p_{c}": round(float(probs[i, j]), 6) for j, c in enumerate(CLASSES)},
+             "unknown_score": "" if unknown[i] is None else round(float(scores[i]), 6),
+             "unknown": "" if unknown[i] is None else bool(unknown[i]), "error": ""}
             for i, file in enumerate(batch.files)]
 
 
 def scored(items: Iterable[Batch | ReadError], model: Predictor, review_below: float) -> Iterator[Scored]:
     """Each item of a TileStream with its rows: tiles classified by ``model``, errors as error rows."""
+    threshold = getattr(model, "unknown_threshold", None)
     for item in items:
         if isinstance(item, ReadError):
             yield item, [error_row(item)]
         else:
-            yield item, tile_rows(item, probabilities(model, item.tiles), review_below)
+            probs, scores = scored_probabilities(model, item.tiles)
+            yield item, tile_rows(item, probs, review_below, scores, threshold)
 
 
 def rows_frame(rows: Iterable[dict], columns: Sequence[str] = CSV_COLUMNS) -> pd.DataFrame:
@@ -86,6 +94,8 @@ def rows_frame(rows: Iterable[dict], columns: Sequence[str] = CSV_COLUMNS) -> pd
     for column in ["confidence", *(f"p_{c}" for c in CLASSES)]:
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
     frame["needs_review"] = frame["needs_review"].astype(bool)
+    frame["unknown_score"] = pd.to_numeric(frame["unknown_score"], errors="coerce")
+    frame["unknown"] = frame["unknown"].map({True: True, False: False}).astype("boolean")
     return frame
 
 

@@ -49,6 +49,21 @@ def probabilities(predictor: Predictor, batch: np.ndarray) -> np.ndarray:
     return check_probabilities(predictor.predict(batch), len(batch))
 
 
+def scored_probabilities(predictor: Predictor, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Checked probabilities and, where ``predictor`` scores unknown input (``predict_scored``), the
+    unknown score of each image; None for one that does not (a pyfunc model, a file without the
+    statistics). A non-finite score (an input no network reads) counts as the most unknown."""
+    if hasattr(predictor, "predict_scored"):
+        probs, scores = predictor.predict_scored(batch)
+    else:
+        probs, scores = predictor.predict(batch), None
+    probs = check_probabilities(probs, len(batch))
+    if scores is None:
+        return probs, None
+    scores = np.asarray(scores, np.float32).reshape(len(batch))
+    return probs, np.where(np.isfinite(scores), scores, np.float32(np.inf))
+
+
 def predict_batched(predict_batch: Callable[[Any], Any], items: Any, batch_size: int = 64) -> Any:
     """``predict_batch`` over consecutive slices of ``items``, concatenated.
 

@@ -36,6 +36,7 @@ from neu_model.inference.predictors import Predictor, check_batch, chunks
 # call (the feature maps of 8 images fit in a core's 2 MB L2 cache). The chunks run one per core,
 # so no core waits for another between layers: on a loaded host that was 2.5-3x the throughput.
 CHUNK = 8
+UNKNOWN_THRESHOLD_KEY = "unknown_threshold"  # ONNX metadata written by the export stage
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class OnnxPredictor:
         self.throughput = self.session(path, 1) if self.cores > 1 else self.latency
         self.input_name = self.latency.get_inputs()[0].name
         self.pool: ThreadPoolExecutor | None = None  # started on the first large batch
+        self.unknown_threshold = unknown_threshold(self.latency.get_modelmeta().custom_metadata_map)
 
     @staticmethod
     def session(path: Path, threads: int) -> Any:
@@ -97,16 +99,38 @@ class OnnxPredictor:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Every output of the graph for ``batch``: the probabilities, then the unknown score if any."""
         batch = check_batch(batch)
         if len(batch) <= self.chunk:
-            return self.latency.run(None, {self.input_name: batch})[0]
+            return self.latency.run(None, {self.input_name: batch})
         if self.pool is None:
             self.pool = ThreadPoolExecutor(self.cores, thread_name_prefix="onnxruntime-chunk")
         # InferenceSession.run is thread-safe and releases the GIL.
-        runs = self.pool.map(lambda part: self.throughput.run(None, {self.input_name: part})[0],
-                             chunks(batch, self.chunk))
-        return np.concatenate(list(runs))
+        runs = list(self.pool.map(lambda part: self.throughput.run(None, {self.input_name: part}),
+                                  chunks(batch, self.chunk)))
+        return [np.concatenate([r[i] for r in runs]) for i in range(len(runs[0]))]
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return self.run(batch)[0]
+
+    def predict_scored(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        outputs = self.run(batch)
+        return outputs[0], outputs[1] if len(outputs) > 1 else None
+
+
+def onnx_metadata(path: Path) -> dict[str, str]:
+    """The key-value metadata of an ONNX file (OpenVINO does not expose it; ONNX Runtime does)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def unknown_threshold(metadata: Mapping[str, str]) -> float | None:
+    """The unknown-input threshold an exported file carries (``unknown_threshold``); None without one."""
+    value = metadata.get(UNKNOWN_THRESHOLD_KEY)
+    return float(value) if value not in (None, "") else None
 
 
 def openvino_config(precision: str = "fp32", threads: int | None = None, hint: str = "LATENCY") -> dict[str, Any]:
@@ -144,6 +168,8 @@ class OpenVinoPredictor:
         self.model = self.core.read_model(str(path))
         self.precision, self.threads, self.chunk, self.max_shapes = precision, threads, chunk, max_shapes
         self.compiled: OrderedDict[tuple, Any] = OrderedDict()
+        self.n_outputs = len(self.model.outputs)
+        self.unknown_threshold = unknown_threshold(onnx_metadata(path))
 
     def compile(self, shape: tuple[int, ...], hint: str) -> Any:
         """The graph compiled for input ``shape`` under ``hint``, with its request(s)."""
@@ -161,26 +187,35 @@ class OpenVinoPredictor:
         self.compiled.move_to_end(key)
         return self.compiled[key]
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Every output of the graph for ``batch``: the probabilities, then the unknown score if any."""
         batch = check_batch(batch)
         if len(batch) <= self.chunk:
             # share_outputs=False (the default) copies: the next call reuses the output buffer.
-            return self.compile(batch.shape, "LATENCY").infer({0: batch})[0]
+            result = self.compile(batch.shape, "LATENCY").infer({0: batch})
+            return [result[i] for i in range(self.n_outputs)]
         parts = chunks(batch, self.chunk)
         short = self.chunk - len(parts[-1])
         if short:  # padded with blank images: one compiled shape serves every batch size
             parts[-1] = np.concatenate([parts[-1], np.zeros((short, *batch.shape[1:]), np.float32)])
         queue = self.compile(parts[0].shape, "THROUGHPUT")
-        out: list[np.ndarray | None] = [None] * len(parts)
+        out: list[list[np.ndarray] | None] = [None] * len(parts)
 
         def store(request: Any, index: int) -> None:
-            out[index] = request.get_output_tensor(0).data.copy()
+            out[index] = [request.get_output_tensor(i).data.copy() for i in range(self.n_outputs)]
 
         queue.set_callback(store)
         for index, part in enumerate(parts):
             queue.start_async({0: part}, userdata=index)
         queue.wait_all()
-        return np.concatenate(out)[: len(batch)]
+        return [np.concatenate([o[i] for o in out])[: len(batch)] for i in range(self.n_outputs)]
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return self.run(batch)[0]
+
+    def predict_scored(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        outputs = self.run(batch)
+        return outputs[0], outputs[1] if len(outputs) > 1 else None
 
 
 PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}  # import name -> pip name

@@ -28,11 +28,13 @@ CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
     "RS": (245, 130, 48),   # orange
     "Sc": (145, 30, 180),   # purple
 }
+UNKNOWN_COLOUR = (70, 240, 240)  # cyan: a tile unlike the training data, whatever class it was given
 REVIEW_COLOUR = (255, 255, 255)  # white inside a black line: visible on every tint
 FONT_SIZE = 14
 PAD = 6
 
-Tile = tuple[int, int, str, bool]  # x, y (top-left pixel), predicted class, needs_review
+# x, y (top-left pixel), predicted class, needs_review, and (optional, default false) unknown
+Tile = tuple[int, int, str, bool] | tuple[int, int, str, bool, bool]
 
 
 def strip_map(image: np.ndarray, tiles: Sequence[Tile], out_path: Path | str, size: int = TILE_SIZE,
@@ -41,7 +43,8 @@ def strip_map(image: np.ndarray, tiles: Sequence[Tile], out_path: Path | str, si
 
     Args:
         image: (H, W) grayscale in [0, 1].
-        tiles: (x, y, class, needs_review) per tile; x, y its top-left pixel. Where tiles
+        tiles: (x, y, class, needs_review[, unknown]) per tile; x, y its top-left pixel; an
+            unknown tile is filled with ``UNKNOWN_COLOUR`` and labelled ``?``. Where tiles
             overlap (a stride below ``size``, the last row and column), each pixel shows the
             tile whose centre is nearest, so every tile keeps a visible cell of its own.
         out_path: the PNG to write (atomically).
@@ -64,18 +67,24 @@ def strip_map(image: np.ndarray, tiles: Sequence[Tile], out_path: Path | str, si
     base = shrunk_rgb(image, scale)
     columns = cells(sorted({t[0] for t in tiles}), size, image.shape[1])
     rows = cells(sorted({t[1] for t in tiles}), size, image.shape[0])
-    boxes = [scaled((*columns[x], *rows[y]), scale) for x, y, _, _ in tiles]
+    boxes = [scaled((*columns[t[0]], *rows[t[1]]), scale) for t in tiles]
+    labels = [("?" if len(t) > 4 and t[4] else t[2], bool(t[3])) for t in tiles]
     coloured = base.copy()
     fill = ImageDraw.Draw(coloured)
-    for rect, (_, _, cls, _) in zip(boxes, tiles, strict=False):
-        fill.rectangle(rect, fill=CLASS_COLOURS[cls])
+    for rect, (code, _) in zip(boxes, labels, strict=False):
+        fill.rectangle(rect, fill=tile_colour(code))
     mapped = Image.blend(base, coloured, tint)
-    draw_tiles(ImageDraw.Draw(mapped), boxes, [(t[2], t[3]) for t in tiles])
+    draw_tiles(ImageDraw.Draw(mapped), boxes, labels)
     out = stack(mapped, legend(mapped.width))
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:
         out.save(tmp, format="PNG")
     return out_path
+
+
+def tile_colour(code: str) -> tuple[int, int, int]:
+    """A class's colour; ``?`` (unknown input) has its own."""
+    return UNKNOWN_COLOUR if code == "?" else CLASS_COLOURS[code]
 
 
 def shrunk_rgb(image: np.ndarray, scale: float) -> Image.Image:
@@ -107,7 +116,7 @@ def draw_tiles(draw: ImageDraw.ImageDraw, boxes: Sequence[tuple[int, int, int, i
     """Thin class-coloured edges and class codes, then the review outlines on top of everything."""
     font = ImageFont.load_default(size=FONT_SIZE)
     for (left, top, right, bottom), (cls, _) in zip(boxes, labels, strict=False):
-        draw.rectangle((left, top, right, bottom), outline=CLASS_COLOURS[cls], width=1)
+        draw.rectangle((left, top, right, bottom), outline=tile_colour(cls), width=1)
         if min(right - left, bottom - top) >= 3 * FONT_SIZE:  # codes only where they fit
             draw.text((left + 6, top + 4), cls, fill=(255, 255, 255), font=font, stroke_width=2, stroke_fill=(0, 0, 0))
     for (left, top, right, bottom), (_, flagged) in zip(boxes, labels, strict=False):
@@ -119,7 +128,8 @@ def draw_tiles(draw: ImageDraw.ImageDraw, boxes: Sequence[tuple[int, int, int, i
 def legend(width: int) -> Image.Image:
     """A band of the six class swatches and the review outline, wrapped onto rows to fit ``width``."""
     font = ImageFont.load_default(size=FONT_SIZE)
-    entries = [(CLASS_COLOURS[c], f"{c} {CLASS_NAMES[c]}") for c in CLASSES] + [(None, "needs review")]
+    entries = [(CLASS_COLOURS[c], f"{c} {CLASS_NAMES[c]}") for c in CLASSES] + [(UNKNOWN_COLOUR, "? unknown input"),
+                                                                                (None, "needs review")]
     swatch, line = FONT_SIZE, FONT_SIZE + PAD
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     widths = [swatch + PAD + round(measure.textlength(text, font=font)) + 2 * PAD for _, text in entries]

@@ -41,8 +41,10 @@ TILE_SIZE = 200
 # scripts parse, and a note does not make a prediction wrong as an error does. They go to
 # stderr instead, per image for the first few of each kind, and counted in the run's
 # summary (``NoteTally``).
+# ``unknown_score``: how unlike the training images the tile is; ``unknown``: above the model's
+# threshold (such a tile needs review too); both empty for a model without the statistics.
 CSV_COLUMNS: tuple[str, ...] = ("file", "x", "y", "predicted", "confidence", "needs_review",
-                                *(f"p_{c}" for c in CLASSES), "error")
+                                *(f"p_{c}" for c in CLASSES), "unknown_score", "unknown", "error")
 LOCATE_COLUMN = "boxes"  # appended after ``error`` with --locate
 
 log = logging.getLogger("neu_model.inference.tiles")

@@ -128,25 +128,42 @@ def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device,
 
 class TorchPredictor:
     """A network behind the ``Predictor`` contract: softmax of its logits (averaged with the mirror
-    image's when ``mirror``), on ``device`` in its fastest layout, no autograd.
+    image's when ``mirror``), on ``device`` in its fastest layout, no autograd; with the unknown
+    statistics of its ``model.pt`` (``meta["unknown"]``) also the unknown score of each image.
 
     Attributes:
         network: the bare network, batch norms folded (what Grad-CAM explains).
         model: the network with softmax (and mirror averaging).
-        meta: the saved file's metadata (model name, config, ...).
+        meta: the saved file's metadata (model name, config, unknown statistics, ...).
+        unknown_threshold: scores above it are unknown; None for a file saved without statistics.
     """
 
     def __init__(self, network: nn.Module, device: torch.device | str = "cpu", meta: dict | None = None,
                  mirror: bool = False) -> None:
+        from neu_model.inference.unknown import ScoredModel, UnknownScorer
+
         self.device = torch.device(device)
         self.layout, self.meta = memory_format(self.device), meta or {}
         self.network = network.eval().to(self.device, memory_format=self.layout)
         self.model = probability_model(self.network, mirror)
+        stats = self.meta.get("unknown")
+        self.scored = ScoredModel(self.network, UnknownScorer(stats), mirror).to(self.device) if stats else None
+        self.unknown_threshold = float(stats["threshold"]) if stats else None
+
+    def _input(self, batch: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(check_batch(batch)).to(self.device).contiguous(memory_format=self.layout)
 
     @torch.no_grad()
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(check_batch(batch)).to(self.device).contiguous(memory_format=self.layout)
-        return self.model(x).float().cpu().numpy()
+        return self.model(self._input(batch)).float().cpu().numpy()
+
+    @torch.no_grad()
+    def predict_scored(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities, unknown scores); the scores are None without statistics."""
+        if self.scored is None:
+            return self.predict(batch), None
+        probs, scores = self.scored(self._input(batch))
+        return probs.float().cpu().numpy(), scores.float().cpu().numpy()
 
 
 def load_torch_predictor(path: Path = MODEL_FILE, device: str = "auto", mirror: bool = False) -> TorchPredictor:

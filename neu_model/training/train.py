@@ -48,6 +48,7 @@ from neu_model.core.stage import StageError, run_stage
 from neu_model.data.dataset import ImageSet, to_float
 from neu_model.evaluation.figures import curves_figure
 from neu_model.inference.torch_model import UNREADABLE, memory_format, predict_logits, select_device
+from neu_model.inference.unknown import fit_for_weights
 from neu_model.model.networks import build_model, count_macs, count_params
 from neu_model.registry import tracking
 from neu_model.training.augment import augment
@@ -293,8 +294,10 @@ def train(cfg: Config, split_file: Path = SPLIT_FILE, image_dir: Path | None = N
         }
         # model_args: what build_model needs to rebuild this variant (lists: plain data to load).
         model_args = {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.arch.items()}
+        unknown = fit_for_weights(cfg.train.model, model_args, best["state_dict"], train_set.images,
+                                  train_set.labels, val_set.images, cfg.unknown)
         torch_save({"model_name": cfg.train.model, "model_args": model_args,
-                    "state_dict": best["state_dict"], "classes": list(CLASSES),
+                    "state_dict": best["state_dict"], "classes": list(CLASSES), "unknown": unknown,
                     "config": cfg.to_dict(), "git_sha": git_sha, "git_dirty": provenance.git_dirty(),
                     "dataset_version": dataset_version,
                     "summary": summary}, model_file)

@@ -231,3 +231,40 @@ def test_stage_writes_graphs_and_a_report(tmp_path):
     assert props["mirror"] == "true"
     int8 = onnx.load(tmp_path / "models" / "model.int8.onnx")
     assert any(node.op_type == "QuantizeLinear" for node in int8.graph.node)
+
+
+@pytest.mark.slow
+def test_the_unknown_score_is_a_second_output_with_its_threshold_and_parity(tmp_path):
+    from neu_model.core.config import UnknownConfig
+    from neu_model.inference.unknown import fit_for_weights
+
+    files = [f.name for f in FILES]
+    pd.DataFrame({"file": files, "label": [f.split("_")[0] for f in files],
+                  "split": ["test" if i % 3 == 0 else "train" for i in range(len(files))]}).to_csv(
+        tmp_path / "split.csv", index=False)
+    torch.manual_seed(0)
+    state = build_model("defectnet").state_dict()
+    images = load_images(FILES)
+    labels = torch.tensor([CLASSES.index(f.split("_")[0]) for f in files])
+    stats = fit_for_weights("defectnet", {}, state, images[:20], labels[:20], images[20:],
+                            UnknownConfig("knn", 0.1, 1))  # well conditioned on 20 images, unlike a covariance
+    torch.save({"model_name": "defectnet", "state_dict": state, "unknown": stats}, tmp_path / "model.pt")
+    export.main(["--model", str(tmp_path / "model.pt"), "--split", str(tmp_path / "split.csv"),
+                 "--images", str(FIXTURE_IMAGES), "--out-dir", str(tmp_path / "models"),
+                 "--report", str(tmp_path / "export.json"), "--set", "export.calibration_images=8"])
+    graph = onnx.load(tmp_path / "models" / "model.onnx")
+    assert [o.name for o in graph.graph.output] == ["probabilities", "unknown_score"]
+    assert {p.key: p.value for p in graph.metadata_props}["unknown_threshold"] == repr(stats["threshold"])
+    report = json.loads((tmp_path / "export.json").read_text())
+    for name in ("onnx", "openvino"):
+        entry = report["variants"][name]
+        assert entry["kept"] and entry["unknown_changed_flags"] == 0 and entry["unknown_max_rel_diff"] < 1e-4
+        assert entry["unknown_tiles"] > len(files) // 3  # the test images and every non-steel set
+    x = to_float(images).numpy()
+    onnx_model = runtimes.OnnxPredictor(tmp_path / "models" / "model.onnx")
+    torch_model = runtimes.variant_predictor("torch", tmp_path, mirror=load_config().inference.mirror)
+    probs, scores = onnx_model.predict_scored(x)
+    ref_probs, ref_scores = torch_model.predict_scored(x)
+    np.testing.assert_allclose(probs, ref_probs, atol=TOLERANCE)
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
+    assert onnx_model.unknown_threshold == torch_model.unknown_threshold == stats["threshold"]

@@ -130,7 +130,10 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, bat
     with (tempfile.TemporaryDirectory() as work, atomic_path(int8_path) as tmp,
           quiet_loggers("onnxruntime.quantization"), contextlib.redirect_stdout(io.StringIO())):
         prepared = Path(work) / "prepared.onnx"  # shapes inferred, graph simplified: what the quantiser expects
-        quant_pre_process(str(fp32_path), str(prepared))
+        try:
+            quant_pre_process(str(fp32_path), str(prepared))
+        except TypeError:  # ORT's symbolic shape inference fails on some graphs (TopK of the knn score)
+            quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         quantize_static(str(prepared), str(tmp), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
                         op_types_to_quantize=["Conv", "MaxPool", "GlobalAveragePool", "Gemm"],
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,

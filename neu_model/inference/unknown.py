@@ -106,9 +106,11 @@ def method_scores(method: str, logits: torch.Tensor, features: torch.Tensor, mea
 
 
 def class_statistics(features: torch.Tensor, labels: torch.Tensor, classes: int) -> dict[str, torch.Tensor]:
-    """Class means and the inverse of the covariance they share (training features)."""
-    means = torch.stack([features[labels == c].mean(0) for c in range(classes)])
-    centred = features - means[labels]
+    """Class means and the inverse of the covariance they share (training features); a class
+    without training images has no mean (the distance is to the classes there are)."""
+    present = [c for c in range(classes) if (labels == c).any()]
+    means = torch.stack([features[labels == c].mean(0) for c in present])
+    centred = features - means[torch.searchsorted(torch.tensor(present), labels)]
     cov = centred.T @ centred / max(len(features) - 1, 1)
     cov += torch.eye(cov.shape[0]) * RIDGE * cov.diagonal().mean().clamp_min(1e-12)
     return {"means": means, "precision": torch.linalg.inv(cov.double()).float()}
@@ -121,6 +123,7 @@ def normalised_bank(features: torch.Tensor) -> torch.Tensor:
 
 def threshold_at(scores: torch.Tensor, flag_share: float) -> float:
     """The score above which ``flag_share`` of ``scores`` lie (their (1 - flag_share) quantile)."""
+    scores = scores[torch.isfinite(scores)]  # an image no network reads is flagged whatever the threshold
     if not len(scores):
         return math.inf
     return float(torch.quantile(scores.double(), 1 - flag_share))

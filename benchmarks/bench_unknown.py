@@ -36,7 +36,7 @@ from neu_model.inference.torch_model import load_torch_model  # noqa: E402
 from neu_model.inference.unknown import UnknownScorer, fit_statistics, network_outputs, threshold_at  # noqa: E402
 
 CANDIDATES = {"msp": ("msp", 1), "energy": ("energy", 1), "maxlogit": ("maxlogit", 1),
-              "mahalanobis": ("mahalanobis", 1), "knn1": ("knn", 1), "knn10": ("knn", 10)}
+              "mahalanobis": ("mahalanobis", 1), "knn1": ("knn", 1), "knn10": ("knn", 10), "layers": ("layers", 1)}
 
 
 def corrupted(images: torch.Tensor) -> torch.Tensor:
@@ -54,14 +54,15 @@ def seed_rows(work: Path, seed: int, part: str, methods: list[str], flag_share: 
     steel = val if part == "val" else load_split("test", split, images)
     files = [(images / f).read_bytes() for f in steel.files]
     sets = foreign_sets(steel.images.numpy(), files) | {"corrupted": corrupted(steel.images).numpy()}
-    train_out, val_out = network_outputs(net, to_float(train.images)), network_outputs(net, to_float(val.images))
-    steel_out = val_out if part == "val" else network_outputs(net, to_float(steel.images))
-    set_out = {name: network_outputs(net, to_float(torch.from_numpy(x))) for name, x in sets.items()}
+    taps = "layers" in methods
+    train_out, val_out = (network_outputs(net, to_float(s.images), taps=taps) for s in (train, val))
+    steel_out = val_out if part == "val" else network_outputs(net, to_float(steel.images), taps=taps)
+    set_out = {name: network_outputs(net, to_float(torch.from_numpy(x)), taps=taps) for name, x in sets.items()}
     rows = []
     for label in methods:
         method, k = CANDIDATES[label]
-        scorer = UnknownScorer(fit_statistics(method, train_out[1], train.labels, train_out[0].shape[1], k)
-                               | {"threshold": 0.0})
+        stats = fit_statistics(method, train_out[1], train.labels, train_out[0].shape[1], k, train_out[2])
+        scorer = UnknownScorer(stats | {"threshold": 0.0})
         threshold = threshold_at(scorer(*val_out), flag_share)
         steel_scores = scorer(*steel_out).numpy()
         scores = {name: scorer(*out).numpy() for name, out in set_out.items()}

@@ -41,13 +41,13 @@ def images(n: int, seed: int = 0) -> torch.Tensor:
 def test_scored_model_gives_the_probabilities_of_the_plain_path_and_the_score_of_the_image_as_given(mirror):
     net = seeded_net()
     x = images(5)
-    _, features = network_outputs(net, images(24, 1))
+    _, features, _ = network_outputs(net, images(24, 1))
     labels = torch.arange(24) % 6
     scorer = UnknownScorer(fit_statistics("mahalanobis", features, labels, 6) | {"threshold": 1.0})
     with torch.no_grad():
         probs, scores = ScoredModel(net, scorer, mirror)(x)
         expected = probability_model(net, mirror)(x)
-        plain_logits, plain_features = network_outputs(net, x)
+        plain_logits, plain_features, _ = network_outputs(net, x)
     assert torch.equal(probs, expected)  # bit for bit: the committed predictions stay what they were
     torch.testing.assert_close(scores, scorer(plain_logits, plain_features))
 

@@ -30,7 +30,7 @@ CLASSES: tuple[str, ...] = ("Cr", "In", "Pa", "PS", "RS", "Sc")
 CLASS_NAMES: dict[str, str] = {"Cr": "crazing", "In": "inclusion", "Pa": "patches", "PS": "pitted surface",
                                "RS": "rolled-in scale", "Sc": "scratches"}
 # The unknown-input scores of neu_model.inference.unknown (here: loading params needs no torch).
-UNKNOWN_METHODS = ("msp", "energy", "maxlogit", "mahalanobis", "knn")
+UNKNOWN_METHODS = ("msp", "energy", "maxlogit", "mahalanobis", "knn", "layers")
 # Folder and NEU-DET spellings of the classes (``crazing/``, ``rolled-in_scale_12.xml``), lower case.
 FOLDER_CLASSES: dict[str, str] = {"crazing": "Cr", "inclusion": "In", "patches": "Pa", "pitted": "PS",
                                   "pitted_surface": "PS", "rolled": "RS", "rolled_in_scale": "RS", "scratches": "Sc"}

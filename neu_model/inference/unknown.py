@@ -9,7 +9,11 @@ them. Methods (docs/experiments.md, "Unknown input", has the measured choice):
   ``maxlogit``: -max(logits);
 - ``mahalanobis``: the smallest squared Mahalanobis distance of the features to a class mean,
   one covariance shared by the classes (Lee et al. 2018);
-- ``knn``: 1 - the cosine similarity to the k-th nearest training feature (Sun et al. 2022).
+- ``knn``: 1 - the cosine similarity to the k-th nearest training feature (Sun et al. 2022);
+- ``layers``: at every convolution stage, the Mahalanobis distance of the stage's mean and
+  standard deviation over the image (per channel) to the class means, standardised by the
+  training images' distances, summed over the stages (the feature ensemble of Lee et al. 2018,
+  unweighted: nothing is fitted on non-steel images).
 
 The score is taken on the image as given, never mirror-averaged, so one threshold serves
 ``inference.mirror`` on and off. ``UnknownScorer`` computes it in torch; the export stage puts
@@ -35,23 +39,44 @@ FEATURE_METHODS = ("mahalanobis", "knn")
 RIDGE = 1e-3  # added to the covariance's diagonal (relative to its mean variance): a stable inverse
 
 
+class Trunk(nn.Module):
+    """The network up to its penultimate features; with ``taps``, also the mean and standard
+    deviation over the image of every convolution stage's output (``layers``: low-level statistics
+    a texture or a photo changes, which the last stage may average away)."""
+
+    def __init__(self, net: nn.Module, taps: bool = False) -> None:
+        super().__init__()
+        for name in ("head", "classifier"):
+            part = getattr(net, name, None)
+            if isinstance(part, nn.Sequential) and isinstance(part[-1], nn.Linear):
+                break
+        else:
+            raise ValueError(f"{type(net).__name__}: no head or classifier ending in a linear layer to take "
+                             "features from")
+        self.layers, self.rest, self.last = net.features, nn.Sequential(*part[:-1]), part[-1]
+        self.tap_at = [i for i, m in enumerate(self.layers)
+                       if taps and any(isinstance(c, nn.Conv2d) for c in m.modules())]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(logits, penultimate features, per-stage statistics); the logits are the network's own."""
+        taps = []
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i in self.tap_at:
+                taps.append(torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1))
+        features = self.rest(x)
+        return self.last(features), features, taps
+
+
 def split_network(net: nn.Module) -> tuple[nn.Module, nn.Linear]:
     """The network as (everything up to the penultimate features, the last linear layer)."""
-    for name in ("head", "classifier"):
-        part = getattr(net, name, None)
-        if isinstance(part, nn.Sequential) and isinstance(part[-1], nn.Linear):
-            return nn.Sequential(net.features, *part[:-1]), part[-1]
-    raise ValueError(f"{type(net).__name__}: no head or classifier ending in a linear layer to take features from")
-
-
-def embed(trunk: nn.Module, last: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, penultimate features) of float images ``x``; the logits are the network's own."""
-    features = trunk(x)
-    return last(features), features
+    trunk = Trunk(net)
+    return nn.Sequential(trunk.layers, *trunk.rest), trunk.last
 
 
 class UnknownScorer(nn.Module):
-    """Logits and features to one unknown score per image (higher: less like the training data)."""
+    """Logits, features and per-stage statistics to one unknown score per image (higher: less like
+    the training data)."""
 
     def __init__(self, stats: Mapping[str, Any]) -> None:
         super().__init__()
@@ -61,9 +86,26 @@ class UnknownScorer(nn.Module):
         for name in ("means", "precision", "bank"):
             value = stats.get(name)
             self.register_buffer(name, torch.as_tensor(value, dtype=torch.float32) if value is not None else None)
+        self.stages = nn.ModuleList(StageDistance(layer) for layer in stats.get("layers", []))
 
-    def forward(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, features: torch.Tensor,
+                taps: list[torch.Tensor] | None = None) -> torch.Tensor:
+        if self.method == "layers":
+            return torch.stack([stage(tap) for stage, tap in zip(self.stages, taps, strict=True)]).sum(0)
         return method_scores(self.method, logits, features, self.means, self.precision, self.bank, self.k)
+
+
+class StageDistance(nn.Module):
+    """One stage's Mahalanobis distance, standardised by its training images' distances."""
+
+    def __init__(self, layer: Mapping[str, Any]) -> None:
+        super().__init__()
+        for name in ("means", "precision"):
+            self.register_buffer(name, torch.as_tensor(layer[name], dtype=torch.float32))
+        self.centre, self.scale = float(layer["centre"]), float(layer["scale"])
+
+    def forward(self, tap: torch.Tensor) -> torch.Tensor:
+        return (method_scores("mahalanobis", tap, tap, self.means, self.precision) - self.centre) / self.scale
 
 
 class ScoredModel(nn.Module):
@@ -73,13 +115,13 @@ class ScoredModel(nn.Module):
 
     def __init__(self, net: nn.Module, scorer: UnknownScorer, mirror: bool = False) -> None:
         super().__init__()
-        self.trunk, self.last = split_network(net)
+        self.trunk = Trunk(net, taps=scorer.method == "layers")
         self.scorer, self.mirror = scorer, mirror
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = x.shape[0]
-        logits, features = embed(self.trunk, self.last, torch.cat([x, x.flip(-1)]) if self.mirror else x)
-        score = self.scorer(logits[:n], features[:n])
+        logits, features, taps = self.trunk(torch.cat([x, x.flip(-1)]) if self.mirror else x)
+        score = self.scorer(logits[:n], features[:n], [tap[:n] for tap in taps])
         if self.mirror:  # as MirrorAverage: the log of the averaged probabilities
             log_probs = logits.log_softmax(dim=1)
             logits = torch.logaddexp(log_probs[:n], log_probs[n:]) - math.log(2)
@@ -130,26 +172,35 @@ def threshold_at(scores: torch.Tensor, flag_share: float) -> float:
 
 
 def fit_statistics(method: str, train_features: torch.Tensor, train_labels: torch.Tensor, classes: int,
-                   k: int = 1) -> dict[str, Any]:
+                   k: int = 1, train_taps: list[torch.Tensor] | None = None) -> dict[str, Any]:
     """What ``method`` needs of the training part (nothing for the logit methods)."""
     stats: dict[str, Any] = {"method": method, "k": k}
     if method == "mahalanobis":
         stats |= class_statistics(train_features, train_labels, classes)
     elif method == "knn":
         stats["bank"] = normalised_bank(train_features)
+    elif method == "layers":
+        stats["layers"] = []
+        for tap in train_taps:
+            layer = class_statistics(tap, train_labels, classes)
+            distances = method_scores("mahalanobis", tap, tap, layer["means"], layer["precision"])
+            stats["layers"].append(layer | {"centre": float(distances.mean()),
+                                            "scale": float(distances.std().clamp_min(1e-12))})
     elif method not in METHODS:
         raise ValueError(f"unknown.method {method!r}: choose one of {', '.join(METHODS)}")
     return stats
 
 
 @torch.no_grad()
-def network_outputs(net: nn.Module, images: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, features) of float images (N, 1, H, W), in batches, on the CPU."""
-    trunk, last = split_network(net.eval())
-    parts = [embed(trunk, last, images[i: i + batch_size]) for i in range(0, len(images), batch_size)]
+def network_outputs(net: nn.Module, images: torch.Tensor, batch_size: int = 64,
+                    taps: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(logits, features, per-stage statistics when ``taps``) of float images (N, 1, H, W), in batches."""
+    trunk = Trunk(net.eval(), taps)
+    parts = [trunk(images[i: i + batch_size]) for i in range(0, len(images), batch_size)]
     if not parts:
-        return torch.empty(0, last.out_features), torch.empty(0, last.in_features)
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return torch.empty(0, trunk.last.out_features), torch.empty(0, trunk.last.in_features), []
+    return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+            [torch.cat([p[2][s] for p in parts]) for s in range(len(parts[0][2]))])
 
 
 def fit_unknown(net: nn.Module, train_images: torch.Tensor, train_labels: torch.Tensor,
@@ -162,12 +213,12 @@ def fit_unknown(net: nn.Module, train_images: torch.Tensor, train_labels: torch.
             threshold on the training part.
         flag_share: the share of validation images the threshold flags.
     """
-    train_logits, train_features = network_outputs(net, train_images, batch_size)
-    stats = fit_statistics(method, train_features, train_labels, train_logits.shape[1], k)
+    taps = method == "layers"
+    train_logits, train_features, train_taps = network_outputs(net, train_images, batch_size, taps)
+    stats = fit_statistics(method, train_features, train_labels, train_logits.shape[1], k, train_taps)
     scorer = UnknownScorer(stats | {"threshold": math.inf})
     held_out = val_images if len(val_images) else train_images
-    logits, features = network_outputs(net, held_out, batch_size)
-    stats["threshold"] = threshold_at(scorer(logits, features), flag_share)
+    stats["threshold"] = threshold_at(scorer(*network_outputs(net, held_out, batch_size, taps)), flag_share)
     stats["flag_share"] = flag_share
     stats["threshold_on"] = "validation" if len(val_images) else "training"
     return stats

@@ -14,7 +14,7 @@ def test_the_summary_of_the_committed_reports_is_short_and_names_every_figure(tm
     shutil.copytree(ROOT / "reports", tmp_path / "reports")
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
     lines = summary_lines(tmp_path)
-    assert len(lines) <= 8 and all(len(line) <= 140 for line in lines)
+    assert len(lines) <= 9 and all(len(line) <= 140 for line in lines)
     text = "\n".join(lines)
     assert f"{100 * metrics['accuracy']:.2f} %" in text and f"{metrics['errors']} errors of {metrics['n_test']}" in text
     assert f"{100 * metrics['robustness']['mean_accuracy']:.2f} %" in text
@@ -29,7 +29,18 @@ def test_the_summary_of_the_committed_reports_is_short_and_names_every_figure(tm
 def test_a_fresh_checkout_without_reports_says_what_is_missing(tmp_path):
     text = "\n".join(summary_lines(tmp_path))
     assert "robustness    not measured" in text and "export        not run" in text
+    assert "unknown       not measured" in text
     assert "registry      no decision recorded" in text
+
+
+def test_the_unknown_line_names_the_method_and_the_shares(tmp_path):
+    (tmp_path / "reports").mkdir()
+    unknown = {"method": "knn", "auroc": 0.9512, "non_steel_flagged_share": 0.7, "test_flagged_share": 0.0111,
+               "corrupted_flagged_share": 0.05}
+    (tmp_path / "reports" / "metrics.json").write_text(json.dumps({"unknown": unknown}))
+    line = next(ln for ln in summary_lines(tmp_path) if ln.startswith("unknown"))
+    assert line == ("unknown       knn: non-steel flagged 70.0 % (AUROC 0.951), test images 1.1 %, "
+                    "corrupted steel 5.0 %")
 
 
 def test_stage_list_comes_from_dvc_yaml_in_its_order(tmp_path):

@@ -2,8 +2,8 @@
 
     python -m neu_model.ops.summary [--project .]
 
-Accuracy and errors, robustness, the review share, localisation, export parity and the
-registry's decision, from the reports the stages wrote. The full table stays one command away:
+Accuracy and errors, robustness, the review share, localisation, the unknown-input flag, export
+parity and the registry's decision, from the reports the stages wrote. The full table stays one command away:
 ``dvc metrics show``.
 """
 
@@ -41,6 +41,16 @@ def localisation_line(loc: Mapping[str, Any]) -> str:
             f"{_pct(figures.get('pointing'))}")
 
 
+def unknown_line(unknown: Mapping[str, Any]) -> str:
+    if not unknown or "skipped" in unknown:
+        return f"unknown       {unknown.get('skipped', 'not measured') if unknown else 'not measured'}"
+    corrupted = (f", corrupted steel {_pct(unknown['corrupted_flagged_share'])}"
+                 if "corrupted_flagged_share" in unknown else "")
+    return (f"unknown       {unknown.get('method')}: non-steel flagged {_pct(unknown.get('non_steel_flagged_share'))} "
+            f"(AUROC {unknown.get('auroc', float('nan')):.3f}), test images {_pct(unknown.get('test_flagged_share'))}"
+            f"{corrupted}")
+
+
 def export_line(export: Mapping[str, Any]) -> str:
     variants = export.get("variants", {})
     if not variants:
@@ -76,6 +86,7 @@ def summary_lines(project: Path = Path(".")) -> list[str]:
         f"below confidence {review.get('below_confidence', '?')}; {review.get('accepted_errors', '?')} errors "
         "accepted unseen",
         localisation_line(metrics.get("localisation", {})),
+        unknown_line(metrics.get("unknown", {})),
         export_line(_read(project / paths.EXPORT_REPORT)),
         registry_line(_read(project / paths.REGISTRATION_FILE)),
         "all figures: dvc metrics show",

@@ -220,9 +220,10 @@ def test_history_command_and_champion_for_a_plain_client(evaluated, tiny_data, t
     assert json.loads(capsys.readouterr().out)["aliases"] == {"champion": "1", "challenger": "1"}
 
     test = load_split("test", tiny_data.split, tiny_data.images)
-    probs = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(to_float(test.images).numpy())
-    assert probs.shape == (len(test), 6)
-    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+    served = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(to_float(test.images).numpy())
+    assert served.shape == (len(test), 8)  # six probabilities, the unknown score and flag
+    np.testing.assert_allclose(served[:, :6].sum(1), 1, atol=1e-5)
+    assert set(np.unique(served[:, 7])) <= {0.0, 1.0}
 
 
 @pytest.mark.slow
@@ -241,5 +242,5 @@ def test_served_champion_answers_invocations(evaluated, tiny_data, tiny_model, t
         with urllib.request.urlopen(request, timeout=60) as response:
             served = np.array(json.loads(response.read())["predictions"], dtype=np.float32)
         local = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(x)
-        assert served.shape == (4, 6)
+        assert served.shape == (4, 8)
         np.testing.assert_allclose(served, local, atol=1e-5)

@@ -142,7 +142,7 @@ def test_the_champion_predicts_through_the_server(server, pipeline):
         model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
     finally:
         mlflow.set_tracking_uri(previous)
-    probs = np.asarray(model.predict(x))
+    probs = np.asarray(model.predict(x))[:, :len(CLASSES)]  # then the unknown score and flag
     assert probs.shape == (len(files), len(CLASSES))
     assert (probs >= 0).all() and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
     # The same model as the evaluate stage's: its test-part predictions, file by file.

@@ -82,10 +82,12 @@ def test_train_run_records_config_provenance_data_curves_and_model(tiny_data, ti
 def test_logged_model_returns_the_networks_probabilities(tiny_data, tiny_model):
     test = load_split("test", tiny_data.split, tiny_data.images)
     x = to_float(test.images).numpy()
-    probs = mlflow.pyfunc.load_model(_record(tiny_model)["model_uri"]).predict(x)
-    net, _ = load_torch_model(tiny_model)
+    served = mlflow.pyfunc.load_model(_record(tiny_model)["model_uri"]).predict(x)
+    net, meta = load_torch_model(tiny_model)
     expected = predict_logits(net, test.images, torch.device("cpu")).softmax(1).numpy()
-    assert probs.shape == (len(test), 6) and probs.dtype == np.float32
+    assert served.shape == (len(test), 8) and served.dtype == np.float32
+    probs, scores, flags = served[:, :6], served[:, 6], served[:, 7]
+    np.testing.assert_array_equal(flags, (scores > meta["unknown"]["threshold"]).astype(np.float32))
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
     np.testing.assert_allclose(probs, expected, atol=1e-5)
 

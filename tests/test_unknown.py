@@ -137,3 +137,19 @@ def test_the_strip_map_fills_unknown_tiles_with_their_own_colour(tmp_path):
     out = strip_map(image, [(0, 0, "Cr", False, False), (200, 0, "Cr", True, True)], tmp_path / "m.png", tint=1.0)
     pixels = np.asarray(Image.open(out).convert("RGB"))
     assert tuple(pixels[100, 60]) != UNKNOWN_COLOUR and tuple(pixels[100, 300]) == UNKNOWN_COLOUR
+
+
+def test_the_pyfunc_output_holds_the_probabilities_the_score_and_the_flag_and_flags_unreadable_pixels():
+    from neu_model.registry.mlflow_model import PyfuncOutput
+
+    net = seeded_net()
+    stats = fit_unknown(net, images(30, 1), torch.arange(30) % 6, images(12, 2), "mahalanobis", 0.1)
+    x = images(3)
+    x[1, 0, 5, 5] = float("nan")
+    with torch.no_grad():
+        out = PyfuncOutput(net, stats, mirror=True)(x)
+        probs, scores = ScoredModel(net, UnknownScorer(stats), True)(x)
+    assert out.shape == (3, 8)
+    torch.testing.assert_close(out[[0, 2], :6], probs[[0, 2]])
+    assert out[1, 6] == math.inf and out[1, 7] == 1.0
+    assert torch.equal(out[:, 7], (out[:, 6] > stats["threshold"]).float())

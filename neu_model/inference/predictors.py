@@ -32,12 +32,15 @@ def check_batch(batch: np.ndarray) -> np.ndarray:
 
 
 def check_probabilities(probs: Any, n: int) -> np.ndarray:
-    """A model's answer for ``n`` images as a float32 (n, classes) array.
+    """A model's answer for ``n`` images as a float32 (n, classes) array; a registered pyfunc's two
+    unknown-input columns after the classes (``registry.mlflow_model.CONTRACT``) are dropped.
 
     Raises:
         StageError: the model answered with another shape.
     """
     probs = np.asarray(probs, dtype=np.float32)
+    if probs.shape == (n, len(CLASSES) + 2):
+        probs = probs[:, :len(CLASSES)]
     if probs.shape != (n, len(CLASSES)):
         raise StageError(f"the model returned shape {probs.shape}, expected ({n}, {len(CLASSES)}) "
                          f"probabilities in class order {', '.join(CLASSES)}")
@@ -57,6 +60,9 @@ def scored_probabilities(predictor: Predictor, batch: np.ndarray) -> tuple[np.nd
         probs, scores = predictor.predict_scored(batch)
     else:
         probs, scores = predictor.predict(batch), None
+        wide = np.asarray(probs)
+        if wide.shape == (len(batch), len(CLASSES) + 2):  # a registered pyfunc with the unknown columns
+            scores = wide[:, len(CLASSES)]
     probs = check_probabilities(probs, len(batch))
     if scores is None:
         return probs, None

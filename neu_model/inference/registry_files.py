@@ -54,7 +54,20 @@ def checked_store(uri: str, store: str | None, fix: str) -> str:
     return store
 
 
-def load_pyfunc_model(uri: str, store: str | None = None, fix: str | None = None) -> Any:
+class PyfuncPredictor:
+    """A registered pyfunc model with the unknown-input threshold it was logged with (None for a
+    version logged before the flag, whose pyfunc returns the probabilities alone)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        logged = getattr(model.metadata, "metadata", None) or {}
+        self.unknown_threshold = float(logged["unknown_threshold"]) if "unknown_threshold" in logged else None
+
+    def predict(self, batch: Any) -> Any:
+        return self.model.predict(batch)
+
+
+def load_pyfunc_model(uri: str, store: str | None = None, fix: str | None = None) -> PyfuncPredictor:
     """Load a pyfunc model from the MLflow registry (or any MLflow model URI).
 
     Args:
@@ -75,7 +88,7 @@ def load_pyfunc_model(uri: str, store: str | None = None, fix: str | None = None
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(store)
     try:
-        return mlflow.pyfunc.load_model(uri)
+        return PyfuncPredictor(mlflow.pyfunc.load_model(uri))
     except mlflow.exceptions.MlflowException as exc:
         raise StageError(f"{uri}: cannot load the model ({str(exc).splitlines()[0]}); {fix}") from None
     finally:

@@ -38,6 +38,12 @@ def test_reports_on_the_test_part(tiny_data, tiny_model, tmp_path):
     assert on_disk["review"]["suite_flagged_share"] == round(robustness["flagged_share"].mean(), 6)
     assert on_disk["review"]["suite_accepted_error_rate"] == \
         round(robustness["accepted_errors"].sum() / (n_test * len(robustness)), 6)
+    unknown = on_disk["unknown"]  # the flag on the test images, the non-steel sets and the corrupted images
+    assert unknown["method"] == tiny_config().unknown.method and unknown["test_images"] == n_test
+    assert set(unknown["sets"]) == {"photos", "textures", "synthetic", "wrong_scale", "misdecoded"}
+    assert unknown["non_steel_tiles"] == sum(s["tiles"] for s in unknown["sets"].values())
+    assert 0 <= unknown["auroc"] <= 1 and 0 <= unknown["corrupted_flagged_share"] <= 1
+    assert len(unknown["corrupted_cases"]) == len(robustness)
 
 
 @pytest.mark.slow

@@ -39,6 +39,11 @@ FEATURE_METHODS = ("mahalanobis", "knn")
 RIDGE = 1e-3  # added to the covariance's diagonal (relative to its mean variance): a stable inverse
 
 
+def as_buffer(value: Any) -> torch.Tensor:
+    """A statistic as a float32 buffer of its own, contiguous: what ``torch.export`` saves whole."""
+    return torch.as_tensor(value, dtype=torch.float32).contiguous().clone()
+
+
 class Trunk(nn.Module):
     """The network up to its penultimate features; with ``taps``, also the mean and standard
     deviation over the image of every convolution stage's output (``layers``: low-level statistics
@@ -85,7 +90,7 @@ class UnknownScorer(nn.Module):
         self.threshold = float(stats["threshold"])
         for name in ("means", "precision", "bank"):
             value = stats.get(name)
-            self.register_buffer(name, torch.as_tensor(value, dtype=torch.float32) if value is not None else None)
+            self.register_buffer(name, as_buffer(value) if value is not None else None)
         self.stages = nn.ModuleList(StageDistance(layer) for layer in stats.get("layers", []))
 
     def forward(self, logits: torch.Tensor, features: torch.Tensor,
@@ -101,7 +106,7 @@ class StageDistance(nn.Module):
     def __init__(self, layer: Mapping[str, Any]) -> None:
         super().__init__()
         for name in ("means", "precision"):
-            self.register_buffer(name, torch.as_tensor(layer[name], dtype=torch.float32))
+            self.register_buffer(name, as_buffer(layer[name]))
         self.centre, self.scale = float(layer["centre"]), float(layer["scale"])
 
     def forward(self, tap: torch.Tensor) -> torch.Tensor:
@@ -155,7 +160,7 @@ def class_statistics(features: torch.Tensor, labels: torch.Tensor, classes: int)
     centred = features - means[torch.searchsorted(torch.tensor(present), labels)]
     cov = centred.T @ centred / max(len(features) - 1, 1)
     cov += torch.eye(cov.shape[0]) * RIDGE * cov.diagonal().mean().clamp_min(1e-12)
-    return {"means": means, "precision": torch.linalg.inv(cov.double()).float()}
+    return {"means": means, "precision": torch.linalg.inv(cov.double()).float().contiguous()}
 
 
 def normalised_bank(features: torch.Tensor) -> torch.Tensor:

@@ -202,12 +202,17 @@ def test_missing_files_are_one_line_errors(tmp_path):
         f"error: {tmp_path / 'model.pt'}: no trained model; run the pipeline first (make pipeline)"]
 
 
-@pytest.mark.slow
-def test_stage_writes_graphs_and_a_report(tmp_path):
+def fixture_split(path: Path) -> list[str]:
+    """A split of the fixture images, a third of them test, written to ``path``; returns the names."""
     files = [f.name for f in FILES]
     pd.DataFrame({"file": files, "label": [f.split("_")[0] for f in files],
-                  "split": ["test" if i % 3 == 0 else "train" for i in range(len(files))]}).to_csv(
-        tmp_path / "split.csv", index=False)
+                  "split": ["test" if i % 3 == 0 else "train" for i in range(len(files))]}).to_csv(path, index=False)
+    return files
+
+
+@pytest.mark.slow
+def test_stage_writes_graphs_and_a_report(tmp_path):
+    fixture_split(tmp_path / "split.csv")
     torch.manual_seed(0)
     torch.save({"model_name": "defectnet", "state_dict": build_model("defectnet").state_dict()}, tmp_path / "model.pt")
     export.main(["--model", str(tmp_path / "model.pt"), "--split", str(tmp_path / "split.csv"),
@@ -238,10 +243,7 @@ def test_the_unknown_score_is_a_second_output_with_its_threshold_and_parity(tmp_
     from neu_model.core.config import UnknownConfig
     from neu_model.inference.unknown import fit_for_weights
 
-    files = [f.name for f in FILES]
-    pd.DataFrame({"file": files, "label": [f.split("_")[0] for f in files],
-                  "split": ["test" if i % 3 == 0 else "train" for i in range(len(files))]}).to_csv(
-        tmp_path / "split.csv", index=False)
+    files = fixture_split(tmp_path / "split.csv")
     torch.manual_seed(0)
     state = build_model("defectnet").state_dict()
     images = load_images(FILES)

@@ -38,7 +38,6 @@ def test_the_pipeline_stages_run_neu_model_modules():
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
-@pytest.mark.slow
 def test_stage_deps_list_exactly_the_modules_it_imports(stage):
     module, deps = STAGES[stage]
     files = modules()

@@ -92,7 +92,8 @@ def scoring_markdown(summary: Mapping[str, Any], model_uri: str, out: str) -> st
         f"- model: `{model_uri}`", f"- images scored: {summary['n']}", f"- predictions: `{out}`", "",
         "| class | images |", "|---|---|",
         *[f"| {c} ({CLASS_NAMES[c]}) | {n} |" for c, n in summary["counts"].items()],
-        "", f"Need review (confidence below the threshold): **{summary['needs_review']}**", "",
+        "", f"Need review (confidence below the threshold, or unknown input): **{summary['needs_review']}**, "
+        f"of them unknown input (not NEU steel): **{summary.get('unknown', 0)}**", "",
         "Least confident (check these first):", "", "| file | predicted | confidence |", "|---|---|---|",
         *[f"| `{r['file']}` | {r['predicted']} | {_pct(r['confidence'])} |" for r in summary["least_confident"]],
     ]

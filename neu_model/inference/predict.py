@@ -120,12 +120,14 @@ def score_inputs(inputs: Sequence[Path | str], model: Predictor, review_below: f
 
 def tile_counts(frame: pd.DataFrame, n_least: int = 10) -> dict:
     """Tiles per predicted class (every class listed), how many need review (error rows
-    included), unreadable files, and the ``n_least`` least confident tiles."""
+    included) and how many of them are unknown input, unreadable files, and the ``n_least`` least
+    confident tiles."""
     counts = frame["predicted"].value_counts()
     least = frame.dropna(subset=["confidence"]).nsmallest(n_least, "confidence")[["file", "predicted", "confidence"]]
     errors = int((frame["error"].fillna("") != "").sum()) if "error" in frame else 0
     return {"n": len(frame), "counts": {c: int(counts.get(c, 0)) for c in CLASSES},
             "needs_review": int(frame["needs_review"].sum()), "errors": errors,
+            "unknown": int((frame["unknown"].astype(str) == "True").sum()) if "unknown" in frame else 0,
             "least_confident": least.to_dict("records")}
 
 

@@ -199,9 +199,16 @@ def fit_statistics(method: str, train_features: torch.Tensor, train_labels: torc
 @torch.no_grad()
 def network_outputs(net: nn.Module, images: torch.Tensor, batch_size: int = 64,
                     taps: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """(logits, features, per-stage statistics when ``taps``) of float images (N, 1, H, W), in batches."""
+    """(logits, features, per-stage statistics when ``taps``) of images (N, 1, H, W), in batches:
+    float in [0, 1], or uint8, converted a batch at a time (the training images of a memory-mapped
+    set never all at once)."""
     trunk = Trunk(net.eval(), taps)
-    parts = [trunk(images[i: i + batch_size]) for i in range(0, len(images), batch_size)]
+
+    def batch(i: int) -> torch.Tensor:
+        part = torch.as_tensor(images[i: i + batch_size])
+        return to_float(part) if part.dtype == torch.uint8 else part
+
+    parts = [trunk(batch(i)) for i in range(0, len(images), batch_size)]
     if not parts:
         return torch.empty(0, trunk.last.out_features), torch.empty(0, trunk.last.in_features), []
     return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
@@ -214,8 +221,8 @@ def fit_unknown(net: nn.Module, train_images: torch.Tensor, train_labels: torch.
     """The statistics and threshold of ``method`` for a trained ``net``, as ``model.pt`` stores them.
 
     Args:
-        train_images, val_images: float (N, 1, H, W) in [0, 1]; an empty validation part sets the
-            threshold on the training part.
+        train_images, val_images: (N, 1, H, W), float in [0, 1] or uint8; an empty validation part
+            sets the threshold on the training part.
         flag_share: the share of validation images the threshold flags.
     """
     taps = method == "layers"
@@ -237,5 +244,5 @@ def fit_for_weights(model_name: str, model_args: Mapping[str, Any], state_dict: 
     net = build_model(model_name, **model_args)
     net.load_state_dict({k: v.detach().cpu() for k, v in state_dict.items()})
     net = fuse_batchnorm(net.eval())
-    return fit_unknown(net, to_float(train_images.cpu()), train_labels.cpu(), to_float(val_images.cpu()),
-                       settings.method, settings.flag_share, settings.k, batch_size)
+    return fit_unknown(net, train_images.cpu(), train_labels.cpu(), val_images.cpu(), settings.method,
+                       settings.flag_share, settings.k, batch_size)

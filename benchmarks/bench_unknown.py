@@ -83,17 +83,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--flag-share", type=float, default=0.01)
     parser.add_argument("--images", type=Path, default=ROOT / "data/raw/NEU-CLS")
     parser.add_argument("--out", type=Path, default=None, help="also write every row as CSV here")
+    parser.add_argument("--rows", type=Path, nargs="+", default=None,
+                        help="print the table of rows written before by --out (several runs' seeds together)")
     args = parser.parse_args(argv)
-    rows = []
-    for seed in args.seeds:
-        print(f"# seed {seed} ...", file=sys.stderr, flush=True)
-        rows += seed_rows(args.workdir, seed, args.part, args.methods, args.flag_share, args.images)
-    table = pd.DataFrame(rows)
+    if args.rows:
+        table = pd.concat([pd.read_csv(f) for f in args.rows], ignore_index=True)
+        table = table[table["method"].isin(args.methods) & table["seed"].isin(args.seeds)]
+    else:
+        rows = []
+        for seed in args.seeds:
+            print(f"# seed {seed} ...", file=sys.stderr, flush=True)
+            rows += seed_rows(args.workdir, seed, args.part, args.methods, args.flag_share, args.images)
+        table = pd.DataFrame(rows)
     if args.out:
         table.to_csv(args.out, index=False)
     figures = ["auroc", "fpr95_%", "flagged_%", "steel_flagged_%"]
     means = table.groupby(["method", "set"], sort=False)[figures].mean().round(3).reset_index()
-    print(f"\n{args.part} part, seeds {' '.join(map(str, args.seeds))}, threshold: validation flags "
+    seeds = " ".join(map(str, sorted(table["seed"].unique())))
+    print(f"\n{args.part} part, seeds {seeds}, threshold: validation flags "
           f"{100 * args.flag_share:g} %\n")
     print(means.to_markdown(index=False))
     overall = table[table["set"].isin(["all non-steel", "corrupted"])]

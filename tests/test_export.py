@@ -239,7 +239,8 @@ def test_stage_writes_graphs_and_a_report(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_unknown_score_is_a_second_output_with_its_threshold_and_parity(tmp_path):
+@pytest.mark.parametrize("method", ["knn", "layers"])  # knn: well conditioned on 20 images, unlike one covariance
+def test_the_unknown_score_is_a_second_output_with_its_threshold_and_parity(tmp_path, method):
     from neu_model.core.config import UnknownConfig
     from neu_model.inference.unknown import fit_for_weights
 
@@ -249,7 +250,7 @@ def test_the_unknown_score_is_a_second_output_with_its_threshold_and_parity(tmp_
     images = load_images(FILES)
     labels = torch.tensor([CLASSES.index(f.split("_")[0]) for f in files])
     stats = fit_for_weights("defectnet", {}, state, images[:20], labels[:20], images[20:],
-                            UnknownConfig("knn", 0.1, 1))  # well conditioned on 20 images, unlike a covariance
+                            UnknownConfig(method, 0.1, 1))
     torch.save({"model_name": "defectnet", "state_dict": state, "unknown": stats}, tmp_path / "model.pt")
     export.main(["--model", str(tmp_path / "model.pt"), "--split", str(tmp_path / "split.csv"),
                  "--images", str(FIXTURE_IMAGES), "--out-dir", str(tmp_path / "models"),
@@ -268,5 +269,8 @@ def test_the_unknown_score_is_a_second_output_with_its_threshold_and_parity(tmp_
     probs, scores = onnx_model.predict_scored(x)
     ref_probs, ref_scores = torch_model.predict_scored(x)
     np.testing.assert_allclose(probs, ref_probs, atol=TOLERANCE)
-    np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
+    # as the stage judges it: relative to the threshold (layers' covariances, fitted here on 20 images,
+    # magnify float rounding in single scores; the real model's figures are in the export report)
+    assert np.abs(scores - ref_scores).max() <= 1e-3 * abs(stats["threshold"]) + 1e-5
+    assert ((scores > stats["threshold"]) == (ref_scores > stats["threshold"])).all()
     assert onnx_model.unknown_threshold == torch_model.unknown_threshold == stats["threshold"]

@@ -92,8 +92,9 @@ def test_a_fresh_clone_pulls_the_same_files_and_retrains_nothing(pushed, tmp_pat
     lock = (clone / "dvc.lock").read_text()
     again = run([DVC, "repro"], clone)  # same NEU_DATA_SOURCE as the origin's run (run_in_project)
     ran = [ln for ln in again.stdout.splitlines() if ln.startswith("Running stage")]
-    # source runs on every repro (always_changed) and found nothing new; else nothing runs at all
-    assert ran == ["Running stage 'source':"] or (
+    # source runs on every repro (always_changed) and found nothing new; boxes rebuilds data/boxes.csv,
+    # which DVC does not cache (cache: false), as the same table (evaluate stays skipped)
+    assert ran in (["Running stage 'source':"], ["Running stage 'source':", "Running stage 'boxes':"]) or (
         not ran and "Data and pipelines are up to date" in again.stdout), again.stdout
     assert (clone / "dvc.lock").read_text() == lock
     assert digests(clone) == digests(origin)

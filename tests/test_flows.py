@@ -264,9 +264,13 @@ def test_scoring_flow_scores_an_archive_with_the_champion(first_run, tmp_path):
     assert len(frame) == 30 and frame["file"].iloc[0].startswith(f"{archive}:NEU-CLS/")
     summary = flow_artifacts(state)["neu-scoring-summary"].data
     assert "Least confident" in summary and "images scored: 30" in summary
-    flagged = int((frame["confidence"] < load_config(project / "params.yaml").review.below_confidence).sum())
+    unknown = frame["unknown"].astype(str) == "True"  # the champion's pyfunc carries the unknown flag
+    assert frame["unknown_score"].notna().all()
+    flagged = int(((frame["confidence"] < load_config(project / "params.yaml").review.below_confidence)
+                   | unknown).sum())
     assert frame["needs_review"].sum() == flagged
-    assert f"Need review (confidence below the threshold): **{flagged}**" in summary
+    assert f"Need review (confidence below the threshold, or unknown input): **{flagged}**, " in summary
+    assert f"of them unknown input (not NEU steel): **{int(unknown.sum())}**" in summary
 
 
 # ---------------------------------------------------------------- fast: no flow run

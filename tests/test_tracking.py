@@ -75,7 +75,7 @@ def test_train_run_records_config_provenance_data_curves_and_model(tiny_data, ti
     assert [m.model_id for m in run.outputs.model_outputs] == [record["model_id"]]
     assert info.signature.inputs.inputs[0].shape == (-1, 1, 200, 200)
     assert info.signature.inputs.inputs[0].type == np.dtype(np.float32)
-    assert info.signature.outputs.inputs[0].shape == (-1, 6)
+    assert info.signature.outputs.inputs[0].shape == (-1, 8)  # six probabilities, the unknown score and flag
     assert info.metadata["classes"] == ["Cr", "In", "Pa", "PS", "RS", "Sc"]
 
 

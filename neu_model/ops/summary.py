@@ -60,7 +60,7 @@ def export_line(export: Mapping[str, Any]) -> str:
     dropped = [name for name, entry in variants.items() if not entry.get("kept")]
     kept = [name for name, entry in variants.items() if entry.get("kept")]
     return (f"export        kept {', '.join(kept) or 'none'}" + (f"; dropped {', '.join(dropped)}" if dropped else "")
-            + (f"; largest probability difference {', '.join(parity)}" if parity else ""))
+            + (f"; max probability diff {', '.join(parity)}" if parity else ""))
 
 
 def registry_line(registration: Mapping[str, Any]) -> str:

@@ -32,7 +32,8 @@ from neu_model.core.config import load_config
 from neu_model.core.stage import StageError
 from neu_model.model.networks import build_model
 from neu_model.training.distributed import Context, prepare, rank_device, rank_loss, shard
-from neu_model.training.train import epoch_order, train
+from neu_model.training.recipe import epoch_order
+from neu_model.training.train import train
 
 from conftest import make_project, run_in_project, tiny_config
 

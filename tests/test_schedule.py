@@ -8,7 +8,7 @@ import torch
 
 from neu_model.core.config import load_config
 from neu_model.core.stage import StageError
-from neu_model.training.train import make_scheduler
+from neu_model.training.recipe import make_scheduler
 
 LR = 0.004
 

@@ -1,5 +1,5 @@
-"""The ``train`` stage: ``train`` (the loop), ``augment``, ``distributed`` (DDP under
-torchrun), ``packed`` (memory-mapped training images).
+"""The ``train`` stage: ``train`` (the loop), ``recipe`` (optimizer, schedule, loss, sample
+order), ``augment``, ``distributed`` (DDP under torchrun), ``packed`` (memory-mapped training images).
 
 May import: ``core``, ``data``, ``model``, ``inference``, ``registry``, ``evaluation`` (figures).
 """

@@ -27,7 +27,7 @@ SKIPPED = {"skipped": "the model carries no unknown-input statistics: retrain it
 def scores_of(net: nn.Module, scorer: UnknownScorer, images: torch.Tensor | np.ndarray, batch_size: int) -> np.ndarray:
     """Unknown scores of uint8 images (N, 1, H, W)."""
     with torch.no_grad():
-        outputs = network_outputs(net, to_float(torch.as_tensor(images)), batch_size, scorer.method == "layers")
+        outputs = network_outputs(net, torch.as_tensor(images), batch_size, scorer.method == "layers")
         return scorer(*outputs).numpy()
 
 

@@ -73,12 +73,6 @@ class Trunk(nn.Module):
         return self.last(features), features, taps
 
 
-def split_network(net: nn.Module) -> tuple[nn.Module, nn.Linear]:
-    """The network as (everything up to the penultimate features, the last linear layer)."""
-    trunk = Trunk(net)
-    return nn.Sequential(trunk.layers, *trunk.rest), trunk.last
-
-
 class UnknownScorer(nn.Module):
     """Logits, features and per-stage statistics to one unknown score per image (higher: less like
     the training data)."""
@@ -147,8 +141,7 @@ def method_scores(method: str, logits: torch.Tensor, features: torch.Tensor, mea
         centred = features[:, None, :] - means[None]  # (N, C, D)
         return torch.einsum("ncd,de,nce->nc", centred, precision, centred).amin(1)
     if method == "knn":
-        unit = features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        return 1 - torch.topk(unit @ bank.T, k, dim=1).values[:, -1]
+        return 1 - torch.topk(unit_length(features) @ bank.T, k, dim=1).values[:, -1]
     raise ValueError(f"unknown.method {method!r}: choose one of {', '.join(METHODS)}")
 
 
@@ -163,8 +156,8 @@ def class_statistics(features: torch.Tensor, labels: torch.Tensor, classes: int)
     return {"means": means, "precision": torch.linalg.inv(cov.double()).float().contiguous()}
 
 
-def normalised_bank(features: torch.Tensor) -> torch.Tensor:
-    """The training features scaled to unit length: the neighbours of ``knn``."""
+def unit_length(features: torch.Tensor) -> torch.Tensor:
+    """Features scaled to unit length (the training ones are the neighbours of ``knn``)."""
     return features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
@@ -183,7 +176,7 @@ def fit_statistics(method: str, train_features: torch.Tensor, train_labels: torc
     if method == "mahalanobis":
         stats |= class_statistics(train_features, train_labels, classes)
     elif method == "knn":
-        stats["bank"] = normalised_bank(train_features)
+        stats["bank"] = unit_length(train_features)
     elif method == "layers":
         stats["layers"] = []
         for tap in train_taps:

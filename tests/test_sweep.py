@@ -18,6 +18,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -293,7 +294,13 @@ def test_scoring_in_two_shards_writes_the_same_csv_as_one_worker(prefect_api, sh
     assert re.fullmatch(r"models:/neu-defect-classifier/\d+", two.result()["model_version_uri"])
     rows = (tmp_path / "two.csv").read_text().splitlines()
     assert len(rows) == 61 and rows[-1].startswith(f"{archive}:NEU-CLS/")
-    assert rows == (tmp_path / "one.csv").read_text().splitlines()  # row for row, in input order
+    # row for row, in input order; scores equal up to float32 rounding (a batch of one and a batch
+    # of many take different kernels, and the unknown score's squared distances amplify the last bit)
+    one_frame, two_frame = (pd.read_csv(tmp_path / f"{n}.csv", keep_default_na=False) for n in ("one", "two"))
+    numeric = [c for c in one_frame.columns if c.startswith("p_") or c in ("confidence", "unknown_score")]
+    pd.testing.assert_frame_equal(one_frame.drop(columns=numeric), two_frame.drop(columns=numeric))
+    np.testing.assert_allclose(one_frame[numeric].to_numpy(float), two_frame[numeric].to_numpy(float),
+                               rtol=1e-5, atol=2e-6)
 
 
 @pytest.mark.slow

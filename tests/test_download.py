@@ -42,10 +42,10 @@ def test_flat_folder(tiny):
     assert result.verified_sha256 is False  # 30 names are not the public 1,800
     assert sorted(os.listdir("data/raw/NEU-CLS")) == sorted(os.listdir(FIXTURE))
     rows = read_manifest()
-    assert rows[0] == ["file", "label", "sha256", "width", "height"]
+    assert rows[0] == ["file", "label", "sha256", "width", "height", "origin"]
     assert [r[0] for r in rows[1:]] == sorted(os.listdir(FIXTURE))
-    for name, label, digest, w, h in rows[1:]:
-        assert label == name.split("_")[0] and (w, h) == ("200", "200")
+    for name, label, digest, w, h, origin in rows[1:]:
+        assert label == name.split("_")[0] and (w, h) == ("200", "200") and origin == "public"
         assert digest == sha256_file(FIXTURE / name)
     assert result.dataset_version == hashlib.sha256(Path("data/raw/manifest.csv").read_bytes()).hexdigest()[:12]
     assert sorted(os.listdir("data")) == ["raw"]

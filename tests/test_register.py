@@ -59,7 +59,8 @@ def candidate(evaluated: Path, tmp_path: Path, accuracy: float, split_file: Path
     reports = tmp_path / run_id
     reports.mkdir()
     (reports / "run.json").write_text(json.dumps(record | {"run_id": run_id}))
-    (reports / "metrics.json").write_text(json.dumps({"accuracy": accuracy, "macro_f1": accuracy}))
+    (reports / "metrics.json").write_text(json.dumps({"accuracy": accuracy, "macro_f1": accuracy}))  # no test_sets:
+    # as evaluate wrote it before the plant's images, so the gate must take it as all public
     return reports
 
 
@@ -80,14 +81,35 @@ def aliases(name) -> dict:
     return {a: str(v) for a, v in aliases.items()}
 
 
+def figures(public: float, plant: float | None = None, n_public: int = 540, n_plant: int = 4) -> dict:
+    """Figures as neu_model.data.test_sets.figures gives them."""
+    sets = {"public": {"images": n_public, "accuracy": public},
+            "plant": {"images": n_plant if plant is not None else 0, "accuracy": plant}}
+    n = sum(s["images"] for s in sets.values())
+    pooled = sum(s["images"] * (s["accuracy"] or 0) for s in sets.values()) / n
+    return {"all": {"images": n, "accuracy": pooled}, **sets}
+
+
 def test_gate_rules():
-    assert decide(0.96, 0.95, 0.0, None)[0] is True
-    assert decide(0.94, 0.95, 0.0, None)[0] is False
-    assert decide(0.97, 0.95, 0.0, ("1", 0.97))[0] is True            # "at least": a tie promotes
-    assert decide(0.975, 0.95, 0.01, ("1", 0.97))[0] is False         # not enough improvement
-    assert decide(0.94, 0.95, 0.0, ("1", 0.90))[0] is False           # better, but under the floor
-    promote, reasons = decide(0.96, 0.95, 0.01, ("3", 0.96))
+    assert decide(figures(0.96), 0.95, 0.0, None)[0] is True
+    assert decide(figures(0.94), 0.95, 0.0, None)[0] is False
+    assert decide(figures(0.97), 0.95, 0.0, ("1", figures(0.97)))[0] is True   # "at least": a tie promotes
+    assert decide(figures(0.975), 0.95, 0.01, ("1", figures(0.97)))[0] is False  # not enough improvement
+    assert decide(figures(0.94), 0.95, 0.0, ("1", figures(0.90)))[0] is False  # better, but under the floor
+    promote, reasons = decide(figures(0.96), 0.95, 0.01, ("3", figures(0.96)))
     assert not promote and "champion v3 0.9600" in reasons[1] and "0.9700" in reasons[1]
+
+
+def test_gate_decides_on_every_test_image_with_the_floor_on_the_public_figure():
+    # the plant's 4 test images: the challenger gets all right, the champion 1; the public set ties
+    promote, reasons = decide(figures(0.99, 1.0), 0.95, 0.0, ("2", figures(0.99, 0.25)))
+    assert promote and "public 0.9900 (540), plant 1.0000 (4); champion: public 0.9900 (540), plant 0.2500 (4)" \
+        in reasons[-1]
+    # one public image worse, three plant images better: better on all 544 together
+    assert decide(figures(0.99 - 1 / 540, 1.0), 0.95, 0.0, ("2", figures(0.99, 0.25)))[0] is True
+    # perfect on the plant's images, but the public figure is under the floor
+    assert decide(figures(0.90, 1.0), 0.95, 0.0, ("2", figures(0.89, 0.0)))[0] is False
+    assert "plant - (0)" in decide(figures(0.99), 0.95, 0.0, None)[1][-1]
 
 
 @pytest.mark.slow

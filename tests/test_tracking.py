@@ -61,13 +61,18 @@ def test_train_run_records_config_provenance_data_curves_and_model(tiny_data, ti
     assert tags["device"] == "cpu" and tags["torch_version"] == torch.__version__
 
     inputs = {{t.key: t.value for t in i.tags}["mlflow.data.context"]: i.dataset for i in run.inputs.dataset_inputs}
-    assert set(inputs) == {"train", "val", "test"}
-    assert all(d.digest and d.name == f"NEU-CLS-{part}" for part, d in inputs.items())
+    assert set(inputs) == {"train", "val", "test", "training"}
+    assert all(d.digest and d.name == f"NEU-CLS-{part}" for part, d in inputs.items() if part != "training")
+    # the data as a whole: its digest is the plant's labels version ("public": none), with the counts
+    data = next(i for i in run.inputs.dataset_inputs if i.dataset.name == "training-data")
+    assert data.dataset.digest == "public" == tags["labels_version"].replace("none", "public")
+    assert {t.key: t.value for t in data.tags}["public_images"] == "30"
+    assert {t.key: t.value for t in data.tags}["plant_images"] == "0"
 
     for key in ("train_loss", "train_accuracy", "lr"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1]
-    for key in ("val_loss", "val_accuracy"):  # the fixture's split has no val part: no made-up curve
-        assert client.get_metric_history(run.info.run_id, key) == []
+    for key in ("val_loss", "val_accuracy"):  # the fixture's split has one val image (Sc_3)
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
     assert "figures/train_curves.png" in artifacts
 

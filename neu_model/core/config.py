@@ -46,6 +46,7 @@ class DataConfig:
     checksums: str
     image_size: int
     boxes: str | None = None  # NEU-DET boxes for the localisation figures (neu_model.data.boxes); None: none
+    labels: str | None = None  # the plant's reviewed tiles (neu_model.data.labels), beside the source; None: none
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ DVC_FILE = ROOT / "dvc.yaml"
 # data/: the source stage's fingerprint, the images, the boxes, the split
 SOURCE_FILE = Path("data/source.json")  # fingerprint of the images' source
 BOXES_SOURCE_FILE = Path("data/boxes_source.json")  # fingerprint of the boxes' source
+LABELS_SOURCE_FILE = Path("data/labels_source.json")  # fingerprint of the plant's labelled images
 RAW_DIR = Path("data/raw")
 IMAGE_DIR = RAW_DIR / "NEU-CLS"
 MANIFEST = RAW_DIR / "manifest.csv"

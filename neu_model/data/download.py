@@ -3,7 +3,10 @@
 The source (``data.source``, or the ``NEU_DATA_SOURCE`` environment variable) is an
 http(s) URL of a .zip/.tar(.gz) archive, a local archive, or a local folder, in the flat
 NEU-CLS layout (``Cr_12.bmp``) or in class folders (Kaggle's ``train/Crazing/Cr_1.bmp``).
-The output is ``data/raw/NEU-CLS/<CLS>_<n>.bmp`` plus ``data/raw/manifest.csv``.
+The output is ``data/raw/NEU-CLS/<CLS>_<n>.bmp`` plus ``data/raw/manifest.csv``. The plant's
+labelled images (``data.labels``, ``neu_model.data.labels``) are merged in as
+``data/raw/NEU-CLS/<CLS>_<hash>.png`` with ``origin`` plant in the manifest, and
+``data/raw/labels.json`` says which version of them.
 Everything is built and checked in a temporary folder first, so bad input leaves the
 previous ``data/raw`` exactly as it was. Fetching (the download cache, retries, timeouts, HTML
 pages instead of archives) is ``neu_model.data.fetch``; unpacking (unsafe members, zip bombs)
@@ -21,6 +24,7 @@ import csv
 import filecmp
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -39,12 +43,15 @@ from neu_model.core.stage import StageError, run_stage
 from neu_model.data.archive import wanted
 from neu_model.data.checks import check_counts, check_image, verify_public
 from neu_model.data.fetch import READ_TIMEOUT, RETRY_DELAYS, extract_source, local_source
+from neu_model.data.labels import Labels, read_labels
 
 log = logging.getLogger("neu_model.data.download")  # not "__main__" under python -m
 
 IMAGES_SUBDIR = "NEU-CLS"
 MANIFEST_NAME = "manifest.csv"
-MANIFEST_COLUMNS = ("file", "label", "sha256", "width", "height")
+LABELS_NAME = "labels.json"  # which version of the plant's labels was merged (neu_model.data.labels)
+# origin: "public" for the images of data.source, "plant" for the plant's labelled ones (data.labels)
+MANIFEST_COLUMNS = ("file", "label", "sha256", "width", "height", "origin")
 MAX_UNPACKED_MB = 2048  # the most an archive's images (and a download) may take on disk
 # Folder names of Kaggle's copy (and common spellings), normalised by _norm_folder.
 _NAME_RE = re.compile(r"^([A-Za-z]+)_0*(\d+)$")  # the NEU-CLS scheme: Cr_12
@@ -59,6 +66,9 @@ class DownloadResult:
     counts: dict[str, int]
     dataset_version: str  # first 12 hex of the manifest's sha256
     verified_sha256: bool  # True: the public set, every file matched the checksum list
+    plant: int = 0  # labelled images of data.labels merged in
+    plant_unknown: int = 0  # ... and those labelled "unknown", kept there, not trained on
+    labels_version: str | None = None  # data.labels' version (neu_model.data.labels), None: no labels
 
 
 @dataclass(frozen=True)
@@ -198,19 +208,55 @@ def _download(cfg: Config, raw_dir: Path, cache_dir: Path, retry_delays: Sequenc
             out = new / IMAGES_SUBDIR / e.name
             place(e.src, out)
             width, height = check_image(out, e.shown, cfg.data.image_size)
-            rows.append((e.name, e.label, sha256_file(out), width, height))
+            rows.append((e.name, e.label, sha256_file(out), width, height, "public"))
         verified = verify_public({r[0]: r[2] for r in rows}, {e.name: e.shown for e in entries},
                                  ROOT / cfg.data.checksums)
+        labels = read_labels(Path(cfg.data.labels), cfg.data.classes, cfg.data.image_size) if cfg.data.labels \
+            else Labels([], 0, None)
+        rows += merge_labels(labels, rows, {e.name: e.shown for e in entries}, new / IMAGES_SUBDIR)
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerows([MANIFEST_COLUMNS, *rows])
         manifest = buf.getvalue().encode()
         (new / MANIFEST_NAME).write_bytes(manifest)
+        (new / LABELS_NAME).write_text(json.dumps({"labels_version": labels.version, "plant": len(rows) - len(entries),
+                                                   "plant_unknown": labels.unknown}) + "\n")
         replace_dir(new, raw_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     version = hashlib.sha256(manifest).hexdigest()
     log.info("dataset version %s (sha256 of %s)", version, raw_dir / MANIFEST_NAME)
-    return DownloadResult(len(rows), counts, version[:12], verified)
+    plant = sum(r[5] == "plant" for r in rows)
+    counts = {c: sum(r[1] == c for r in rows) for c in cfg.data.classes}
+    return DownloadResult(len(rows), counts, version[:12], verified, plant, labels.unknown, labels.version)
+
+
+def merge_labels(labels: Labels, rows: Sequence[tuple], shown: dict[str, str], out: Path) -> list[tuple]:
+    """Copy the plant's labelled images beside the source's; returns their manifest rows.
+
+    An image that is byte for byte one of the source's is that image (kept once); with another
+    class it is an error naming both labels.
+    """
+    by_sha = {r[2]: r for r in rows}
+    added = []
+    for image in labels.images:
+        same = by_sha.get(image.sha256)
+        if same is not None:
+            if same[1] != image.label:
+                raise StageError(f"{image.path} ({image.label}) and {shown[same[0]]} ({same[1]}): the same image "
+                                 f"labelled {image.label} and {same[1]}; correct the label in the labels manifest")
+            continue
+        shutil.copyfile(image.path, out / image.path.name)
+        by_sha[image.sha256] = row = (image.path.name, image.label, image.sha256, *_size(out / image.path.name),
+                                      "plant")
+        added.append(row)
+    return added
+
+
+def _size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.size
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -235,6 +281,9 @@ def main(argv: Sequence[str] | None = None) -> DownloadResult:
     print(f"dataset version {result.dataset_version} ({args.raw_dir / MANIFEST_NAME})")
     print("verified: public NEU-CLS set, every sha256 matches" if result.verified_sha256
           else "checked: format only (not the public set)")
+    if result.labels_version:
+        print(f"plant labels {result.labels_version}: {result.plant} images merged, {result.plant_unknown} "
+              f"labelled unknown kept aside (not trained on)")
     return result
 
 

@@ -6,7 +6,10 @@ variable, which DVC cannot see, so dvc.yaml runs this stage on every ``dvc repro
 (``always_changed``): the one process a no-op ``dvc repro`` starts. It writes
 ``data/source.json`` (the images) and ``data/boxes_source.json`` (the boxes) only when their
 fingerprint changed; the download stage depends on the first and the boxes stage on the
-second, so DVC runs each, and everything after it, exactly when there is something new.
+second, so DVC runs each, and everything after it, exactly when there is something new. The
+plant's labelled images (``data.labels``, the folder ``neu-review commit`` writes) get
+``data/labels_source.json`` the same way, a dependency of download: a commit of labels makes
+``dvc repro`` run from download, no commit runs nothing.
 
 - A folder or archive: a hash of every byte (and file name) in it.
 - An http(s) URL: what the server says about the content (``ETag``, ``Last-Modified``,
@@ -39,7 +42,7 @@ from typing import Sequence
 
 from neu_model.core.config import add_config_args, load_config
 from neu_model.core.files import write_json
-from neu_model.core.paths import BOXES_SOURCE_FILE, SOURCE_FILE
+from neu_model.core.paths import BOXES_SOURCE_FILE, LABELS_SOURCE_FILE, SOURCE_FILE
 from neu_model.core.redact import redact_url as redact  # the one implementation: credentials and signed-URL secrets
 from neu_model.core.stage import StageError, run_stage
 
@@ -48,6 +51,7 @@ log = logging.getLogger("neu_model.data.source")
 # What a source is called in an error, and where it is set.
 DATA_SETTING = ("data source", "data.source in params.yaml or NEU_DATA_SOURCE")
 BOXES_SETTING = ("box source", "data.boxes in params.yaml or NEU_BOXES_SOURCE")
+LABELS_SETTING = ("labelled-image folder", "data.labels in params.yaml")
 # Seconds to wait for the server: an unreachable one must not hold up a no-op `dvc repro`.
 PROBE_TIMEOUT = 5.0
 # What the server's answer becomes in data/source.json.
@@ -214,6 +218,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_config_args(parser)
     parser.add_argument("--out", type=Path, default=SOURCE_FILE)
     parser.add_argument("--boxes-out", type=Path, default=BOXES_SOURCE_FILE)
+    parser.add_argument("--labels-out", type=Path, default=LABELS_SOURCE_FILE)
     parser.add_argument("--timeout", type=float, default=PROBE_TIMEOUT,
                         help=f"seconds to wait for a URL's server (default {PROBE_TIMEOUT:g})")
     return parser
@@ -229,6 +234,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                                   BOXES_SETTING)
     log.info("box source %s: %s", redact(data.boxes or "none"),
              "changed, the boxes stage will run" if boxes_changed else "unchanged")
+    labels = data.labels if data.labels and Path(data.labels).exists() else None
+    if data.labels and labels is None and Path(f"{data.labels}.dvc").is_file():
+        raise StageError(f"{data.labels}.dvc: the labelled images it versions are missing; run "
+                         f"`dvc pull {data.labels}.dvc` (or `dvc checkout {data.labels}.dvc`)")
+    labels_changed = record_source(labels, args.labels_out, args.timeout, LABELS_SETTING)
+    log.info("labelled images %s: %s", labels or "none",
+             "changed, the download stage will run" if labels_changed else "unchanged")
 
 
 if __name__ == "__main__":

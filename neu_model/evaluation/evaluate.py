@@ -1,6 +1,7 @@
 """Stage ``evaluate``: score the trained model on the test part, clean and corrupted.
 
-Writes ``reports/metrics.json`` (accuracy, macro_f1, per_class, review, robustness), the
+Writes ``reports/metrics.json`` (accuracy, macro_f1, per_class, review, robustness; ``test_sets``:
+accuracy on the public test images and on the plant's labelled ones, ``neu_model.data.test_sets``), the
 confusion matrix as ``reports/confusion.json`` (DVC's confusion template) and
 ``reports/confusion.png``, a gallery of every misclassified test image
 (``reports/misclassified.png``), per-image predictions (``reports/predictions.csv``), what each
@@ -32,7 +33,8 @@ from neu_model.core.files import write_csv, write_json
 from neu_model.core.paths import BOXES_FILE, MODEL_FILE, REPORTS_DIR, SPLIT_FILE
 from neu_model.core.stage import run_stage
 from neu_model.data import corruptions
-from neu_model.data.dataset import ImageSet, load_split, to_float
+from neu_model.data.dataset import ImageSet, load_split, read_split, to_float
+from neu_model.data.test_sets import ORIGINS, figures, origins
 from neu_model.evaluation.figures import confusion_figure, gallery_figure
 from neu_model.evaluation.localisation import GALLERY_FILE, REPORT_FILE, localise, mlflow_metrics, read_box_file
 from neu_model.evaluation.metrics import classification_metrics, review_curve, review_metrics
@@ -81,6 +83,10 @@ def log_evaluation(run: tracking.Run | None, metrics: Mapping[str, Any], reports
         return
     values = {f"test_{k}": metrics[k] for k in ("accuracy", "macro_f1", "errors", "in_ps_errors")}
     values["inference_images_per_second"] = metrics["inference_images_per_second"]
+    for origin, figure in metrics.get("test_sets", {}).items():
+        values[f"test_images_{origin}"] = figure["images"]
+        if figure["accuracy"] is not None:
+            values[f"test_accuracy_{origin}"] = figure["accuracy"]
     for code, row in metrics["per_class"].items():
         values |= {f"test_{k}_{code}": row[k] for k in ("precision", "recall", "f1")}
     values |= {f"robustness_{k}": v for k, v in metrics.get("robustness", {}).items()}
@@ -126,6 +132,10 @@ def evaluate(cfg: Config, model_file: Path = MODEL_FILE, split_file: Path = SPLI
 
     frame = predictions_frame(test.files, probs, cfg.review.below_confidence)
     frame.insert(1, "label", [CLASSES[i] for i in test.labels.tolist()])
+    split_table = read_split(split_file)
+    frame.insert(2, "origin", frame["file"].map(dict(zip(split_table["file"], origins(split_table), strict=True))))
+    sets = figures(frame)
+    metrics["test_sets"] = {name: sets[name] for name in ORIGINS}  # the public figure and the plant's
     write_csv(frame, reports / "predictions.csv")
     write_csv(pd.DataFrame(review_curve(test.labels, probs, CURVE_THRESHOLDS)), reports / "review_curve.csv")
     write_json(reports / "confusion.json",

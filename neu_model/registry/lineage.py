@@ -6,6 +6,7 @@ The git SHA tag already pins the code, so only data deps and outs are read from 
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
 from pathlib import Path
 
@@ -65,4 +66,31 @@ def split_inputs(split_file: Path, manifest: Path, dataset_version: str) -> list
                                          name=f"NEU-CLS-{part}", digest=digest)
         tags = [InputTag("mlflow.data.context", part), InputTag("dataset_version", dataset_version)]
         inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=tags))
-    return inputs
+    return inputs + [labels_input(Path(manifest), table)]
+
+
+def labels_input(manifest: Path, table: pd.DataFrame):
+    """The data as one MLflow ``DatasetInput`` named ``training-data`` whose digest is the plant's
+    labels version (``data/raw/labels.json``; ``public`` without labels), with the counts of public
+    and plant images: the run's data version, as the labels commit announced it."""
+    import mlflow.data
+    from mlflow.entities import DatasetInput, InputTag
+
+    info = json.loads((manifest.parent / "labels.json").read_text()) if (manifest.parent / "labels.json").is_file() \
+        else {}
+    origin = table["origin"] if "origin" in table else pd.Series("public", index=table.index)
+    counts = {"public_images": int((origin == "public").sum()), "plant_images": int((origin == "plant").sum()),
+              "plant_unknown_kept_aside": int(info.get("plant_unknown") or 0)}
+    rows = table.astype(object).reset_index(drop=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        ds = mlflow.data.from_pandas(rows, source=str(manifest.resolve()), targets="label", name="training-data",
+                                     digest=info.get("labels_version") or "public")
+    tags = [InputTag("mlflow.data.context", "training"), *(InputTag(k, str(v)) for k, v in counts.items())]
+    return DatasetInput(ds._to_mlflow_entity(), tags=tags)
+
+
+def labels_version(manifest: Path) -> str | None:
+    """The plant's labels version the download stage merged (``data/raw/labels.json``), or None."""
+    path = Path(manifest).parent / "labels.json"
+    return json.loads(path.read_text()).get("labels_version") if path.is_file() else None

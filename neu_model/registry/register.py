@@ -25,20 +25,26 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+import pandas as pd
+
 from neu_model.core import paths, provenance
-from neu_model.core.config import Config, add_config_args, load_config
+from neu_model.core.config import CLASSES, Config, add_config_args, load_config
 from neu_model.core.files import write_json
 from neu_model.core.paths import (
     EXPORT_REPORT,
     IMAGE_DIR,
+    MANIFEST,
     METRICS_FILE,
     MODEL_FILE,
     MODELS_DIR,
     REGISTRATION_FILE,
+    ROOT,
     SPLIT_FILE,
 )
 from neu_model.core.stage import StageError, run_stage
-from neu_model.data.dataset import load_split, read_split, to_float
+from neu_model.data.dataset import load_split, read_manifest, read_split, to_float
+from neu_model.data.test_sets import ORIGINS, fair_test_files, figures, split_rule
 from neu_model.inference.predictors import predict_batched, probabilities
 from neu_model.registry import export_artifacts as exported
 from neu_model.registry import mlflow_model, tracking
@@ -59,20 +65,36 @@ def test_split_id(split_file: Path, dataset_version: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def decide(accuracy: float, floor: float, min_improvement: float,
-           champion: tuple[str, float] | None) -> tuple[bool, list[str]]:
-    """The gate: (promote?, reasons). ``champion`` is (version, accuracy on the same test split) or None."""
-    passes_floor = accuracy >= floor - EPS
-    reasons = [f"test accuracy {accuracy:.4f} {'>=' if passes_floor else '<'} floor {floor:.4f}"]
+def decide(figures: dict, floor: float, min_improvement: float,
+           champion: tuple[str, dict] | None) -> tuple[bool, list[str]]:
+    """The gate: (promote?, reasons).
+
+    ``figures`` and the champion's are ``neu_model.data.test_sets.figures`` on the same test
+    images, which neither model trained on. The floor applies to the public figure (the whole
+    test part when it has no public image); the comparison to all those images together, each
+    counted once: the plant's labelled test images are too few to decide alone (one image moves
+    their figure by points) and the public ones alone ignore what retraining on labels is for.
+    """
+    public = figures["public"] if figures["public"]["images"] else figures["all"]
+    passes_floor = public["accuracy"] >= floor - EPS
+    reasons = [f"public test accuracy {public['accuracy']:.4f} {'>=' if passes_floor else '<'} floor {floor:.4f}"]
     if champion is None:
         reasons.append("no champion yet: the first version that passes the floor becomes champion")
-        return passes_floor, reasons
-    version, champ_acc = champion
-    needed = champ_acc + min_improvement
+        return passes_floor, reasons + [_both(figures)]
+    version, champ = champion
+    accuracy, needed = figures["all"]["accuracy"], champ["all"]["accuracy"] + min_improvement
     beats = accuracy >= needed - EPS
-    reasons.append(f"test accuracy {accuracy:.4f} {'>=' if beats else '<'} champion v{version} {champ_acc:.4f} "
-                   f"+ min_improvement {min_improvement:.4f} = {needed:.4f}")
+    reasons.append(f"test accuracy {accuracy:.4f} {'>=' if beats else '<'} champion v{version} "
+                   f"{champ['all']['accuracy']:.4f} + min_improvement {min_improvement:.4f} = {needed:.4f} "
+                   f"(on {figures['all']['images']} test images neither trained on)")
+    reasons.append(f"{_both(figures)}; champion: {_both(champ)}")
     return passes_floor and beats, reasons
+
+
+def _both(figures: dict) -> str:
+    """The two figures as one phrase: 'public 0.9981 (540), plant 0.7500 (4)'."""
+    return ", ".join(f"{o} {f['accuracy']:.4f} ({f['images']})" if f["images"] else f"{o} - (0)"
+                     for o, f in ((o, figures[o]) for o in ORIGINS))
 
 
 def _champion(client, name: str):
@@ -113,40 +135,61 @@ def _served_model(run: tracking.Run, cfg: Config, model_file: Path) -> tuple[str
     return info.model_uri, info.model_id
 
 
-def evaluate_version(name: str, version: str, split_file: Path, image_dir: Path, batch_size: int = 64) -> float:
-    """Accuracy of a registry version on the current test split, through the plain pyfunc interface."""
+def evaluate_version(name: str, version: str, split_file: Path, image_dir: Path, files: list[str],
+                     batch_size: int = 64) -> dict:
+    """Figures (``test_sets.figures``) of a registry version on ``files`` of the current test split,
+    through the plain pyfunc interface."""
     import mlflow.pyfunc
 
     model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
     test = load_split("test", split_file, image_dir)
-    if not len(test):
+    keep = np.isin(test.files, files)
+    if not keep.any():
         raise StageError(f"{split_file}: no test images to re-evaluate the champion on")
-    probs = predict_batched(lambda images: probabilities(model, to_float(images).numpy()), test.images, batch_size)
-    return round(float((probs.argmax(1) == test.labels.numpy()).mean()), 6)
+    probs = predict_batched(lambda images: probabilities(model, to_float(images).numpy()), test.images[keep],
+                            batch_size)
+    table = read_split(split_file).set_index("file").loc[np.asarray(test.files)[keep]].reset_index()
+    return figures(table.assign(predicted=[CLASSES[i] for i in probs.argmax(1)]))
 
 
-def champion_accuracy(client, name: str, champion, split_id: str, split_file: Path,
-                      image_dir: Path) -> tuple[float, str | None]:
-    """The champion's accuracy on test split ``split_id``: from its tags, else measured now and cached.
+def champion_figures(client, name: str, champion, split_id: str, split_file: Path, image_dir: Path,
+                     files: list[str]) -> tuple[dict, str | None]:
+    """The champion's figures on ``files`` of test split ``split_id``: from its tags, else measured
+    now and cached.
 
     Returns:
-        (accuracy, note) where the note says the champion was re-evaluated, else None.
+        (figures, note) where the note says the champion was re-evaluated, else None.
     """
-    key = f"accuracy_on.{split_id}"
+    key = f"figures_on.{split_id}.{hashlib.sha256(' '.join(files).encode()).hexdigest()[:8]}"
     if key in champion.tags:
-        return float(champion.tags[key]), None
-    acc = evaluate_version(name, champion.version, split_file, image_dir)
-    client.set_model_version_tag(name, champion.version, key, str(acc))
+        return json.loads(champion.tags[key]), None
+    result = evaluate_version(name, champion.version, split_file, image_dir, files)
+    client.set_model_version_tag(name, champion.version, key, json.dumps(result))
+    client.set_model_version_tag(name, champion.version, f"accuracy_on.{split_id}", str(result["all"]["accuracy"]))
     note = (f"dataset or split changed (test split {champion.tags.get('test_split_id', '?')} -> {split_id}): "
-            f"champion v{champion.version} re-evaluated on the new test split: {acc:.4f} "
+            f"champion v{champion.version} re-evaluated on the new test split ({len(files)} images): "
+            f"{result['all']['accuracy']:.4f} "
             f"(was {float(champion.tags.get('test_accuracy', 'nan')):.4f})")
-    return acc, note
+    return result, note
+
+
+def challenger_figures(metrics: dict, predictions: Path, split_file: Path, files: list[str]) -> dict:
+    """This run's figures on ``files``: evaluate's own when they are the whole test part."""
+    table = read_split(split_file)
+    if sorted(table.loc[table["split"] == "test", "file"]) == files:
+        every = {"images": len(files), "accuracy": metrics["accuracy"]}
+        # an evaluation from before the plant's images existed: all of it is the public set
+        return {"all": every, **metrics.get("test_sets", {"public": every, "plant": {"images": 0, "accuracy": None}})}
+    if not Path(predictions).is_file():
+        raise StageError(f"{predictions}: not found; rerun the evaluate stage")
+    frame = pd.read_csv(predictions)
+    return figures(frame[frame["file"].isin(files)])
 
 
 def register(cfg: Config, run_file: Path = paths.RUN_FILE, metrics_file: Path = METRICS_FILE,
              split_file: Path = SPLIT_FILE, image_dir: Path = IMAGE_DIR, model_file: Path = MODEL_FILE,
              out_file: Path = REGISTRATION_FILE, export_report: Path = EXPORT_REPORT,
-             models_dir: Path = MODELS_DIR) -> dict:
+             models_dir: Path = MODELS_DIR, manifest: Path = MANIFEST) -> dict:
     """Register the evaluated and exported model, apply the gate, write ``out_file``; returns what it wrote."""
     run = tracking.open_run(run_file, model_file)
     if run is None:
@@ -160,7 +203,11 @@ def register(cfg: Config, run_file: Path = paths.RUN_FILE, metrics_file: Path = 
         raise StageError(f"{metrics_file} is not the evaluation logged in MLflow run {run.run_id} on the test "
                          f"split of {split_file}; rerun the evaluate stage")
     client, name, mirror = run.client, cfg.register.model_name, cfg.inference.mirror
-    accuracy = float(metrics["accuracy"])
+    accuracy, rule = float(metrics["accuracy"]), split_rule(cfg)
+    predictions = Path(metrics_file).with_name("predictions.csv")
+    table = read_split(split_file)
+    every_test = sorted(table.loc[table["split"] == "test", "file"])
+    mine = challenger_figures(metrics, predictions, split_file, every_test)
     report = exported.checked_report(export_report, run.record["model_sha256"], mirror, models_dir)
 
     _ensure_registered_model(client, name)
@@ -169,7 +216,10 @@ def register(cfg: Config, run_file: Path = paths.RUN_FILE, metrics_file: Path = 
         tags = {"test_accuracy": accuracy, "macro_f1": metrics["macro_f1"], f"accuracy_on.{split_id}": accuracy,
                 "test_split_id": split_id, "dataset_version": run.record["dataset_version"], "run_id": run.run_id,
                 "model": run.record.get("model", ""), "git_sha": provenance.git_sha(),
-                "inference.mirror": str(mirror).lower()}
+                "inference.mirror": str(mirror).lower(), "split_rule": rule,
+                "labels_version": run.record.get("labels_version") or "none"}
+        tags |= {f"test_{k}_{o}": v for o in ORIGINS for k, v in (("images", mine[o]["images"]),
+                                                                   ("accuracy", mine[o]["accuracy"]))}
         model_uri, model_id = _served_model(run, cfg, model_file)
         version = client.create_model_version(name, model_uri, run_id=run.run_id, model_id=model_id,
                                               tags={k: str(v) for k, v in tags.items()}, description=CONTRACT)
@@ -189,9 +239,17 @@ def register(cfg: Config, run_file: Path = paths.RUN_FILE, metrics_file: Path = 
     else:
         champ, notes = None, []
         if champion is not None:
-            champ_acc, note = champion_accuracy(client, name, champion, split_id, split_file, image_dir)
-            champ, notes = (before, champ_acc), [note] if note else []
-        promote, reasons = decide(accuracy, cfg.register.accuracy_floor, cfg.register.min_improvement, champ)
+            # The images neither model trained on: today's test part, less any the champion's split
+            # rule (another seed or fractions) put in its training or validation part.
+            files = fair_test_files(table, read_manifest(manifest), rule, champion.tags.get("split_rule"),
+                                    ROOT / cfg.data.checksums)
+            champ_figures, note = champion_figures(client, name, champion, split_id, split_file, image_dir, files)
+            champ, notes = (before, champ_figures), [note] if note else []
+            if files != every_test:
+                mine = challenger_figures(metrics, predictions, split_file, files)
+                notes.append(f"champion v{before} was trained under another split rule ({champion.tags['split_rule']}"
+                             f"): compared on the {len(files)} of {len(every_test)} test images test under both")
+        promote, reasons = decide(mine, cfg.register.accuracy_floor, cfg.register.min_improvement, champ)
         reasons = notes + reasons
         verdict = "promoted" if promote else "rejected"
         headline = (f"PROMOTED to champion, replacing {'v' + before if before else 'none'}" if promote
@@ -200,6 +258,7 @@ def register(cfg: Config, run_file: Path = paths.RUN_FILE, metrics_file: Path = 
         # is still the old version and a rerun of this stage finishes the move.
         gate = {"gate.decision": verdict, "gate.reasons": "; ".join(reasons), "gate.champion_before": before or "",
                 "gate.floor": cfg.register.accuracy_floor, "gate.min_improvement": cfg.register.min_improvement,
+                "gate.figures": json.dumps({"challenger": mine, "champion": champ[1] if champ else None}),
                 "gate.decided_at": _now()}
         for key, value in gate.items():
             client.set_model_version_tag(name, v, key, str(value))
@@ -216,6 +275,7 @@ def register(cfg: Config, run_file: Path = paths.RUN_FILE, metrics_file: Path = 
     result = {"model_name": name, "version": v, "run_id": run.run_id, "decision": verdict,
               "promoted": verdict == "promoted", "reasons": reasons,
               "test_accuracy": accuracy, "test_split_id": split_id, "dataset_version": run.record["dataset_version"],
+              "labels_version": run.record.get("labels_version"), "test_sets": {o: mine[o] for o in ORIGINS},
               "champion_before": before, "champion": str(after.version) if after else None,
               "model_uri": f"models:/{name}@{CHAMPION}"}
     run.set_tags({"registry.model": name, "registry.version": v, "registry.decision": verdict}

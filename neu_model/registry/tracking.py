@@ -38,7 +38,7 @@ from neu_model.core.redact import redact_url
 from neu_model.core.stage import StageError
 from neu_model.core.store import sqlite_file, tracking_uri
 from neu_model.registry import mlflow_model
-from neu_model.registry.lineage import read_dvc, split_inputs
+from neu_model.registry.lineage import labels_version, read_dvc, split_inputs
 
 log = logging.getLogger("neu_model.registry.tracking")
 
@@ -201,7 +201,8 @@ class TrainRun(Run):
         record = {"run_id": self.run_id, "experiment_id": self.experiment_id, "experiment": cfg.mlflow.experiment,
                   "tracking_uri": portable_uri(self.client.tracking_uri), "model_uri": info.model_uri,
                   "model_id": info.model_id, "model_sha256": sha256_file(model_file), "model": cfg.train.model,
-                  "dataset_version": dataset_version}
+                  "dataset_version": dataset_version,
+                  "labels_version": self.client.get_run(self.run_id).data.tags.get("labels_version", "none")}
         self.set_tags({"model_uri": info.model_uri})
         write_json(run_file, record)
         return record
@@ -246,7 +247,8 @@ def train_run(cfg: Config, *, key: str, device: torch.device, split_file: Path, 
         client.log_batch(run.run_id, params=[Param(k, redact_url(v)) for k, v in params.items()])
         sha = provenance.git_sha()
         run.set_tags({"git_sha": sha, "mlflow.source.git.commit": sha, "git_dirty": provenance.git_dirty(),
-                      "dataset_version": version, "device": str(device), "torch_version": torch.__version__,
+                      "dataset_version": version, "labels_version": labels_version(manifest) or "none",
+                      "device": str(device), "torch_version": torch.__version__,
                       "model": cfg.train.model, RUN_KEY_TAG: key} | read_dvc(inputs_of="train"))
         client.log_inputs(run.run_id, datasets=split_inputs(split_file, manifest, version))
         log.info("MLflow run %s in experiment %r (%s)", run.run_id, cfg.mlflow.experiment, client.tracking_uri)

@@ -155,7 +155,7 @@ def published_raw(tmp_path: Path) -> dict[str, bytes]:
     shutil.copytree(FIXTURE, good)
     dl.download(cfg(good))
     before = snapshot(Path("data/raw"))
-    assert len(before) == 31  # 30 images + manifest
+    assert len(before) == 32  # 30 images, manifest, labels.json
     return before
 
 

@@ -2,7 +2,7 @@
 stages).
 
     python -m flows.training [--set KEY=VALUE ...] [--data-source SRC] [--device DEV]   # one run
-    python -m flows.training serve [--cron "0 3 * * 1"]                                # scheduled
+    python -m flows.training serve [--cron "0 3 * * 1"]              # scheduled, and on commits of labels
     python -m flows.training deploy --pool neu-process [--cron ... | --no-schedule]    # into a work pool
 
 ``make retrain`` / ``make serve`` / ``make deploy`` wrap these; ``make worker`` runs a pool's
@@ -17,6 +17,7 @@ and leaves params.yaml as it found it (``neu_model.ops.run_params``).
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import logging
 import math
 import os
@@ -26,14 +27,16 @@ from pathlib import Path
 import yaml
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.events import DeploymentEventTrigger
 from prefect.settings import get_current_settings
 from prefect.tasks import exponential_backoff
 
 from flows.report import per_class_rows, training_markdown
-from neu_model.core.config import DATA_SOURCE_ENV, ConfigError
+from neu_model.core.config import DATA_SOURCE_ENV, ConfigError, load_config
 from neu_model.core.redact import install_log_redaction, redact_url
 from neu_model.core.stage import disable_telemetry
 from neu_model.ops import orchestrate, run_params
+from neu_model.ops.label_trigger import LABELS_EVENT
 from tasks import stages
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +49,8 @@ MLFLOW_UI = "http://127.0.0.1:5000"
 @flow(name="neu-training", timeout_seconds=12 * 3600)
 def training_flow(overrides: list[str] | None = None, data_source: str | None = None, device: str | None = None,
                   project: str | None = None, retry_backoff_seconds: float = 10.0,
-                  mlflow_ui: str = MLFLOW_UI, wait: bool = False) -> dict:
+                  mlflow_ui: str = MLFLOW_UI, wait: bool = False, trigger: str = "schedule",
+                  labels_version: str | None = None) -> dict:
     """Bring the model up to date with the data source, and let the gate decide on promotion.
 
     Args:
@@ -60,13 +64,23 @@ def training_flow(overrides: list[str] | None = None, data_source: str | None = 
         retry_backoff_seconds: the first register retry waits this long, then doubles.
         mlflow_ui: base URL of the MLflow UI, for the link in the summary.
         wait: wait for a run that holds the workspace instead of failing at once.
+        trigger: ``labels`` when the event ``neu.labels.committed`` started the run (the
+            deployment's trigger): it trains only with enough new labels
+            (``neu_model.ops.label_trigger``); anything else (the schedule, by hand) always runs.
+        labels_version: the labels' data version the event announced (shown in the run's log).
 
     Returns:
-        Which stages ran, the MLflow run id and the registry decision.
+        Which stages ran, the MLflow run id and the registry decision; with too few new labels,
+        ``{"skipped": why}``.
     """
     logger = get_run_logger()
     redact_every_log()
     root = str(Path(project or ROOT).resolve())
+    if trigger == "labels":
+        logger.info("started by %s (labels version %s)", LABELS_EVENT, labels_version or "?")
+        found = stages.new_labels(root)
+        if not found.enough:
+            return {"skipped": found.describe()}
     run_overrides, data_source = source_override([*(overrides or []), *([f"train.device={device}"] if device else [])],
                                                  data_source)
     with orchestrate.hold_workspace(root, wait=math.inf if wait else 0, note=logger.warning):
@@ -157,15 +171,26 @@ def _publish(root: str, ran: dict, changed: list, mlflow_ui: str, overrides: lis
     return summary
 
 
+def labels_trigger(within_hours: float) -> DeploymentEventTrigger:
+    """Start the deployment on every ``neu.labels.committed`` event (``neu-review commit``); the run
+    then trains only with enough new labels in the window (``neu_model.ops.label_trigger``:
+    Prefect's threshold counts events, not the images each commit carries)."""
+    return DeploymentEventTrigger(name="labels committed", expect={LABELS_EVENT}, posture="Reactive", threshold=1,
+                                  within=dt.timedelta(hours=within_hours),
+                                  parameters={"trigger": "labels",
+                                              "labels_version": "{{ event.payload.data_version }}"})
+
+
 def serve(cron: str = DEFAULT_CRON, parameters: dict | None = None) -> None:
-    """Serve the deployment ``neu-training/retrain`` on ``cron``, one run at a time.
+    """Serve the deployment ``neu-training/retrain`` on ``cron`` and on commits of labels, one run at a time.
 
     ``global_limit=1`` is the deployment's concurrency limit and ``limit=1`` caps this runner:
-    a scheduled run and one started by hand queue instead of failing on the workspace lock,
-    which each run takes (and which also keeps ``make pipeline`` and ``make retrain`` out).
+    a scheduled run, one started by labels and one started by hand queue instead of failing on the
+    workspace lock, which each run takes (and which also keeps ``make pipeline`` and ``make retrain`` out).
     """
+    within = load_config(ROOT / "params.yaml").retrain.within_hours
     training_flow.serve(name=DEPLOYMENT, cron=cron, global_limit=1, limit=1, parameters=parameters or {},
-                        tags=["neu-cls", "training"], pause_on_shutdown=False)
+                        triggers=[labels_trigger(within)], tags=["neu-cls", "training"], pause_on_shutdown=False)
 
 
 def deploy(pool: str, name: str | None = None, cron: str | None = DEFAULT_CRON, parameters: dict | None = None,
@@ -183,7 +208,9 @@ def deploy(pool: str, name: str | None = None, cron: str | None = DEFAULT_CRON, 
     """
     _ensure_process_pool(pool)
     remote_flow = training_flow.from_source(str(source), "flows/training.py:training_flow")
+    within = load_config(Path(source) / "params.yaml").retrain.within_hours
     deployment_id = remote_flow.deploy(name=name or f"retrain-{pool}", work_pool_name=pool, cron=cron or None,
+                                       triggers=[labels_trigger(within)],
                                        concurrency_limit=1, parameters=parameters or {},
                                        tags=["neu-cls", "training"], print_next_steps=False, ignore_warnings=True)
     return str(deployment_id)

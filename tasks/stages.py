@@ -16,7 +16,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from neu_model.ops import orchestrate
+from neu_model.ops import label_trigger, orchestrate
 from tasks.retry import retry_if_transient
 
 # Seconds a stage may take before its process group is killed (default: an hour); Prefect's own
@@ -57,3 +57,11 @@ def stage_task(stage: orchestrate.PipelineStage, **options):
 def read_reports(project: str) -> dict:
     """Read what the workspace's reports say now (see ``orchestrate.read_reports``)."""
     return orchestrate.read_reports(Path(project))
+
+
+@task(cache_policy=NO_CACHE)
+def new_labels(project: str) -> label_trigger.NewLabels:
+    """Whether the committed labels are enough to retrain on (``neu_model.ops.label_trigger``)."""
+    found = label_trigger.new_labels(Path(project))
+    get_run_logger().info("%s", found.describe())
+    return found

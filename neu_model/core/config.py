@@ -135,6 +135,12 @@ class UnknownConfig:
 
 
 @dataclass(frozen=True)
+class RetrainConfig:
+    min_new_labels: int  # labelled images not yet in the training data that a labels commit needs to retrain
+    within_hours: float  # the labels trigger's window (neu_model.ops.label_trigger)
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     tolerance: float  # largest probability difference from PyTorch of an fp32 variant
     max_accuracy_images: int  # test images a bf16 / int8 variant may be apart from fp32
@@ -156,6 +162,7 @@ class Config:
     inference: InferenceConfig
     unknown: UnknownConfig
     export: ExportConfig
+    retrain: RetrainConfig
     # the locate knobs as params.yaml writes them; neu_model.localisation.methods.params_from_dict checks them
     locate: Mapping[str, Any]
 
@@ -219,6 +226,9 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
                           "megabytes >= 0 (0: always memory-map the images)")
     if cfg.unknown.method not in UNKNOWN_METHODS:
         raise ConfigError(f"unknown.method={cfg.unknown.method!r}: choose one of {', '.join(UNKNOWN_METHODS)}")
+    if cfg.retrain.min_new_labels < 1 or cfg.retrain.within_hours <= 0:
+        raise ConfigError(f"retrain.min_new_labels={cfg.retrain.min_new_labels} must be at least 1 and "
+                          f"retrain.within_hours={cfg.retrain.within_hours} positive")
     if not 0 < cfg.unknown.flag_share < 1 or cfg.unknown.k < 1:
         raise ConfigError(f"unknown.flag_share={cfg.unknown.flag_share} must be in (0, 1) and unknown.k="
                           f"{cfg.unknown.k} at least 1")

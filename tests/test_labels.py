@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from labels_support import TWELVE, darker, png_bytes, write_labels
 from PIL import Image
 
 from neu_model.core.paths import ROOT
@@ -21,6 +20,7 @@ from neu_model.data.labels import labels_version, read_labels
 from neu_model.data.split import split
 
 from conftest import FIXTURE_IMAGES, tiny_config
+from labels_support import TWELVE, darker, png_bytes, write_labels
 
 
 @pytest.fixture

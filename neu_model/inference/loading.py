@@ -41,6 +41,7 @@ from neu_model.inference.registry_files import (
     MissingArtifactError,
     VersionFiles,
     load_pyfunc_model,
+    parse_models_uri,
     version_files,
 )
 
@@ -62,12 +63,14 @@ class LoadedModel:
         load_network: the eager network for Grad-CAM, loaded on first call; None for an
             exported file alone (nothing to explain).
         note: why ``auto`` chose this runtime, or what differs from what was asked ("" when nothing).
+        source: what was loaded: ``models:/<name>/<version>`` (an alias resolved) or the file's path.
     """
 
     predictor: Predictor
     runtime: str
     load_network: Callable[[], nn.Module] | None
     note: str = ""
+    source: str = ""
 
 
 def read_report(path: Path) -> dict:
@@ -143,19 +146,20 @@ def registry_model(uri: str, runtime: str, device: str, fix: str) -> LoadedModel
     """A ``models:/`` URI in ``runtime``: pyfunc, torch on ``exported/model.pt``, or a variant of its
     exported files."""
     files = version_files(uri, fix=fix)
+    source = f"{MODELS_URI_PREFIX}{parse_models_uri(uri)[0]}/{files.version}" if files.version else uri
 
     def network() -> nn.Module:
         return torch_network(files.fetch(TORCH_FILE), device)
 
     if runtime == "pyfunc":
-        return LoadedModel(load_pyfunc_model(uri, fix=fix), "pyfunc", network)
+        return LoadedModel(load_pyfunc_model(uri, fix=fix), "pyfunc", network, source=source)
     try:
         report = read_report(files.fetch(EXPORT_REPORT_NAME))
     except MissingArtifactError:
         if runtime != "auto":
             raise
         note = f"runtime pyfunc (auto: {uri} has no exported files to choose from)"
-        return LoadedModel(load_pyfunc_model(uri, fix=fix), "pyfunc", network, note)
+        return LoadedModel(load_pyfunc_model(uri, fix=fix), "pyfunc", network, note, source)
     note, predictor = "", None
     if runtime == "auto":
         runtime, why, predictor = auto_runtime(files, report, device)
@@ -165,8 +169,8 @@ def registry_model(uri: str, runtime: str, device: str, fix: str) -> LoadedModel
     mirror = bool(report.get("mirror", False))
     predictor = predictor or runtimes.variant_predictor(runtime, files.folder, mirror, device=device)
     if runtime == "torch":
-        return LoadedModel(predictor, "torch", lambda: predictor.network, note)
-    return LoadedModel(predictor, runtime, network, note)
+        return LoadedModel(predictor, "torch", lambda: predictor.network, note, source)
+    return LoadedModel(predictor, runtime, network, note, source)
 
 
 def auto_runtime(files: VersionFiles, report: Mapping[str, Any], device: str) -> tuple[str, str, Predictor | None]:
@@ -196,7 +200,7 @@ def local_model(path: Path, runtime: str, device: str, mirror: bool) -> LoadedMo
         raise StageError(f"{path}: runtime 'pyfunc' runs registered models (models:/...); use torch here")
     if runtime in ("auto", "torch"):
         predictor = runtimes.variant_predictor("torch", file=path, mirror=mirror, device=device)
-        return LoadedModel(predictor, "torch", lambda: predictor.network)
+        return LoadedModel(predictor, "torch", lambda: predictor.network, source=str(path))
     report = local_report(path)
     check_offered(runtime, report, str(path))
     predictor = runtimes.variant_predictor(runtime, path.parent)
@@ -206,7 +210,7 @@ def local_model(path: Path, runtime: str, device: str, mirror: bool) -> LoadedMo
         exported, asked = ("on" if on else "off" for on in (report.get("mirror"), mirror))
         note = (f"note: runtime {runtime} runs the export's mirror averaging ({exported}), not inference.mirror "
                 f"({asked}); re-run the export stage to match")
-    return LoadedModel(predictor, runtime, lambda: torch_network(path, device), note)
+    return LoadedModel(predictor, runtime, lambda: torch_network(path, device), note, str(path))
 
 
 def exported_model(path: Path, runtime: str) -> LoadedModel:
@@ -217,7 +221,7 @@ def exported_model(path: Path, runtime: str) -> LoadedModel:
                          "(for the int8 variant pass model.int8.onnx itself; torch runs models/model.pt)")
     if not path.is_file():
         raise StageError(f"{path}: no such file; run the export stage (python -m neu_model.inference.export)")
-    return LoadedModel(runtimes.variant_predictor(runtime, file=path), runtime, None)
+    return LoadedModel(runtimes.variant_predictor(runtime, file=path), runtime, None, source=str(path))
 
 
 def load_model(spec: str | Path, runtime: str = "auto", device: str = "auto", mirror: bool = False,

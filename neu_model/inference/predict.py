@@ -13,7 +13,9 @@ The CSV (stdout, or ``--out`` written atomically) has the columns
 ``file,x,y,predicted,confidence,needs_review,p_Cr,p_In,p_Pa,p_PS,p_RS,p_Sc,error``: x, y are the
 tile's top-left pixel; a file that cannot be read gets one row whose ``error`` says why, and
 everything else is still scored. ``needs_review`` is true below ``review.below_confidence``
-(``--review-below``).
+(``--review-below``). With ``--out FILE`` a sidecar ``FILE.model.json`` names the model that
+wrote it (``models:/<name>/<version>`` with the alias resolved, or the file), its runtime and
+the review threshold: ``neu-review`` shows it beside every tile.
 
 ``--locate`` adds a ``boxes`` column: per tile a JSON list ``[[x0, y0, x1, y1, score], ...]``,
 best first, of where its predicted class's defect is, in the whole image's pixels (x1, y1
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import datetime as dt
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -38,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from neu_model.core.config import CLASSES, load_config
-from neu_model.core.files import atomic_path
+from neu_model.core.files import atomic_path, write_json
 from neu_model.core.paths import PARAMS_FILE
 from neu_model.core.stage import StageError, run_stage
 from neu_model.inference.console import ImageReport
@@ -145,6 +148,14 @@ def csv_sink(out: Path | None, columns: Sequence[str]) -> Iterator[csv.DictWrite
         writer = csv.DictWriter(fh, columns, lineterminator="\n")
         writer.writeheader()
         yield writer
+
+
+def write_model_sidecar(out: Path, model: LoadedModel, review_below: float) -> Path:
+    """``<out>.model.json`` (atomically): the model, runtime and threshold that wrote the CSV ``out``."""
+    sidecar = out.with_name(f"{out.name}.model.json")
+    write_json(sidecar, {"model": model.source or "unknown", "runtime": model.runtime, "review_below": review_below,
+                         "written_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+    return sidecar
 
 
 def confidence_arg(text: str) -> float:
@@ -267,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 locate_batch(item, rows, locator, overlays)
             report.add(item, rows)
             sink.writerows(rows)
+    if args.out is not None:
+        write_model_sidecar(args.out, model, review_below)
     if overlays is not None:
         overlays.close()
     report.close(args.out, overlays.written if overlays else None)

@@ -122,6 +122,11 @@ def registry_client(uri: str, store: str | None = None, fix: str = NO_VERSION_FI
 
 def version_run_id(client, uri: str, fix: str = NO_VERSION_FIX) -> str:
     """The id of the run that a registered version (``models:/<name>@<alias>`` or ``/<version>``) came from."""
+    return resolve_version(client, uri, fix)[0]
+
+
+def resolve_version(client, uri: str, fix: str = NO_VERSION_FIX) -> tuple[str, str]:
+    """The run id and the version number of a registered version (an alias resolved once)."""
     from mlflow.exceptions import MlflowException
 
     name, alias, version = parse_models_uri(uri)
@@ -133,7 +138,7 @@ def version_run_id(client, uri: str, fix: str = NO_VERSION_FIX) -> str:
     if not found.run_id:
         raise MissingArtifactError(f"{uri}: version {found.version} has no run to fetch files from; "
                                    f"{MISSING_EXPORT_FIX}")
-    return found.run_id
+    return found.run_id, str(found.version)
 
 
 def cache_root() -> Path:
@@ -152,12 +157,14 @@ class VersionFiles:
         uri: the ``models:/`` URI it was resolved from (for messages).
         run_id: the version's run, resolved once: an alias moving meanwhile cannot mix two versions' files.
         folder: ``<cache>/<run_id>``; a run's artifacts do not change, so a file there is not fetched again.
+        version: the version number the URI resolved to ("" when unknown).
     """
 
     uri: str
     run_id: str
     folder: Path
     client: Any
+    version: str = ""
 
     def fetch(self, name: str) -> Path:
         """``exported/<name>`` of the run, fetched through a temporary folder renamed into place
@@ -192,8 +199,8 @@ def version_files(uri: str, store: str | None = None, cache: Path | None = None,
         StageError: no such store or version.
     """
     client = registry_client(uri, store, fix)
-    run_id = version_run_id(client, uri, fix)
-    return VersionFiles(uri, run_id, (cache or cache_root()) / run_id, client)
+    run_id, version = resolve_version(client, uri, fix)
+    return VersionFiles(uri, run_id, (cache or cache_root()) / run_id, client, version)
 
 
 def version_artifact(uri: str, name: str, store: str | None = None, cache: Path | None = None,

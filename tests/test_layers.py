@@ -16,7 +16,8 @@ from neu_model.core.paths import ROOT
 from import_graph import PACKAGE_DIR, graph
 
 # Lowest first: a subpackage may import itself and those before it, never those after it.
-LAYERS = ["core", "data", "model", "localisation", "inference", "registry", "evaluation", "training", "ops"]
+LAYERS = ["core", "data", "model", "localisation", "inference", "registry", "review", "evaluation", "training",
+          "ops"]
 # What a process that only classifies images must not load.
 NOT_FOR_INFERENCE = ("neu_model.training", "neu_model.evaluation", "neu_model.registry", "neu_model.ops",
                      "mlflow", "matplotlib")

@@ -113,13 +113,13 @@ def tiny_model(tiny_data, tmp_path_factory) -> Path:
 
 
 def documented_onnx_client() -> dict:
-    """The names that the README's ONNX client block defines (``champion_onnx``, ``classify``),
+    """The names that docs/mlflow.md's ONNX client block defines (``champion_onnx``, ``classify``),
     run as a reader would paste it: the tests use the documented code itself, so it cannot drift."""
     mark = "<!-- onnx-client -->"
-    block = re.search(re.escape(mark) + r"\s*```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    assert block, f"README.md: no python block after {mark}"
+    block = re.search(re.escape(mark) + r"\s*```python\n(.*?)```", (ROOT / "docs" / "mlflow.md").read_text(), re.S)
+    assert block, f"docs/mlflow.md: no python block after {mark}"
     names: dict = {}
-    exec(compile(block.group(1), "README.md", "exec"), names)
+    exec(compile(block.group(1), "docs/mlflow.md", "exec"), names)
     return names
 
 

@@ -43,7 +43,7 @@ def write_labels(folder: Path, tiles: list[tuple[str, np.ndarray]], origin: str 
     return folder
 
 
-def darker(label: str, n: int) -> np.ndarray:
+def darker(label: str, n: int, factor: float = 0.8) -> np.ndarray:
     """A darker copy of a real fixture image: new bytes, the same defect."""
     pixels = np.asarray(Image.open(FIXTURE_IMAGES / f"{label}_{n}.bmp").convert("L"), dtype=np.float32)
-    return (pixels * 0.8).astype(np.uint8)
+    return (pixels * factor).astype(np.uint8)

@@ -103,8 +103,9 @@
   function boxes(tile) {
     const svg = $("overlay");
     svg.replaceChildren();
-    svg.hidden = !overlay || !tile || !tile.boxes;
-    if (svg.hidden) return;
+    const on = overlay && !!tile && !!tile.boxes;
+    svg.classList.toggle("on", on); // a class, not the hidden attribute: that one is HTML's, not SVG's
+    if (!on) return;
     for (const [x0, y0, x1, y1] of tile.boxes) {
       const rect = document.createElementNS("http://www.w3.org/2000/svg", "rect");
       Object.entries({ x: x0, y: y0, width: x1 - x0, height: y1 - y0 }).forEach(([k, v]) => rect.setAttribute(k, v));

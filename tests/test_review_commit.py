@@ -61,8 +61,11 @@ def test_commit_writes_the_tiles_as_pngs_with_a_manifest_and_is_idempotent(tmp_p
                                          ("alice", 3, "Pa"), ("bob", 3, "PS"),  # a conflict: left out
                                          ("bob", 6, "Sc")])
     labels = tmp_path / "labels"
+    planned = commit(state, labels, tmp_path, message_only=True)
+    assert not labels.exists()  # --message-only writes nothing
     line = commit(state, labels, tmp_path, git=False, event=False)
     version = labels_version(labels)
+    assert planned == f"labels: 4 images (alice 2, bob 2); data version {version}"
     assert line == (f"committed 4 labels (Cr 1, In 1, Sc 1, unknown 1) by alice 2, bob 2; data version {version}; "
                     "git skipped (--no-git); event not sent (--no-event)")
     assert "conflict:" in capsys.readouterr().err

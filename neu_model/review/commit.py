@@ -183,7 +183,7 @@ def commit(state: Path, labels: Path, workspace: Path, message_only: bool = Fals
     if not log_file.is_file():
         raise StageError(f"{log_file}: no audit log; review tiles with `neu-review serve PRED.csv` first, or pass "
                          "the --state folder it used")
-    if git:
+    if git and not message_only:  # refused before anything is written
         publish.check_workspace(workspace, labels)
     result = plan(read_records(log_file), labels)
     for line in result.conflicts:

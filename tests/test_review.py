@@ -265,3 +265,13 @@ def test_tiles_come_as_pngs_and_boxes_in_tile_pixels(tmp_path):
     assert png.mode == "L" and np.array_equal(np.asarray(png), np.asarray(Image.open(image))[200:400, 200:400])
     context = Image.open(io.BytesIO(session.image(0, context=True)))
     assert context.size == (600, 400) and context.getpixel((200, 200)) == (255, 96, 0)  # outlined tile
+
+
+def test_review_imports_only_core_data_and_inference():
+    from import_graph import graph
+
+    allowed = ("neu_model.core", "neu_model.data", "neu_model.inference", "neu_model.review")
+    wrong = sorted(f"{module} imports {target}" for module, targets in graph().items()
+                   if module.startswith("neu_model.review") for target in targets
+                   if target.startswith("neu_model.") and not target.startswith(allowed))
+    assert not wrong, "; ".join(wrong)

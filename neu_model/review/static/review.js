@@ -126,7 +126,12 @@
     if (tile !== current()) return; // moved on while it loaded
     if (tile.refused) { // its file changed since it was predicted: say so, never label it
       say(`skipped: ${tile.refused}`);
-      if (view === 0) queue.shift(); else past.splice(past.length - view, 1), view--;
+      if (view === 0) {
+        queue.shift();
+      } else {
+        past.splice(past.length - view, 1);
+        view--;
+      }
       refill();
       return show();
     }

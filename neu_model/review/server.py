@@ -240,8 +240,8 @@ def serve(csvs: Sequence[Path], host: str = "127.0.0.1", port: int = 8765, token
           state: Path = Path(".review"), random_share: float = 0.02, seed: int = 0) -> None:
     """Serve the review of ``csvs`` until interrupted (module docstring for the security)."""
     check_bind(host, token)
+    queue = load_queue(csvs, random_share, seed)  # bad input is refused before the state folder is made
     lock_state(state)
-    queue = load_queue(csvs, random_share, seed)
     for note in queue.notes[:20]:
         print(f"note: {note}", file=sys.stderr)
     if len(queue.notes) > 20:

@@ -22,7 +22,6 @@ import pytest
 from mlflow import MlflowClient
 
 from neu_model.data.labels import labels_version
-from neu_model.ops.label_trigger import LABELS_EVENT
 
 from conftest import make_project
 from kill_support import project_env
@@ -77,12 +76,14 @@ def prefect_server(tmp_path_factory):
         log.close()
 
 
-def emit(env: dict, count: int, version: str) -> None:
-    """The event ``neu-review commit`` sends, from a process of its own as the commit is."""
-    code = ("import sys, json; from prefect.events import emit_event; emit_event(event=sys.argv[1], "
-            "resource={'prefect.resource.id': 'neu.labels.test'}, payload=json.loads(sys.argv[2]))")
-    subprocess.run([sys.executable, "-c", code, LABELS_EVENT, json.dumps({"count": count, "data_version": version})],
-                   env=env, check=True, timeout=120)
+def emit(env: dict, project: Path, count: int, version: str) -> None:
+    """The event ``neu-review commit`` sends (its own function), from a process of its own as the commit is."""
+    code = ("import sys, json; from pathlib import Path; from neu_model.review.publish import announce; "
+            "print(announce(Path(sys.argv[1]), json.loads(sys.argv[2])))")
+    done = subprocess.run([sys.executable, "-c", code, str(project), json.dumps({"count": count,
+                                                                                "data_version": version})],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip().splitlines()[-1] == "sent", done.stdout + done.stderr
 
 
 def flow_runs(deployment_name: str) -> list:
@@ -127,10 +128,12 @@ def test_a_commit_of_enough_labels_retrains_registers_and_gates(prefect_server, 
         wait_for(lambda: _deployment_ready(), 180, "the retrain deployment and its trigger")
         # Too few: 3 new labelled images (retrain.min_new_labels is 10): the run trains nothing.
         labels = write_labels(project / "labels", [(c, darker(c, n)) for c, n in TWELVE[:3]])
-        emit(env, 3, labels_version(labels))
+        emit(env, project, 3, labels_version(labels))
         skipped = finished_runs(1, 300)[0]
         assert skipped.state.is_completed()
-        assert "3 labelled images" in run_logs(skipped.id) and "not enough yet" in run_logs(skipped.id)
+        logs = wait_for(lambda: (lambda text: text if "not enough yet" in text else "")(run_logs(skipped.id)), 60,
+                        "the skipped run's log (sent to the server in batches)")
+        assert "3 labelled images of labels version" in logs and "10 needed" in logs
         assert len(mlflow.search_model_versions(f"name = '{MODEL}'")) == 1
 
         # Enough: 12 more (15 new), committed as one data version.
@@ -138,7 +141,7 @@ def test_a_commit_of_enough_labels_retrains_registers_and_gates(prefect_server, 
                      + [(c, darker(c, n, 0.7)) for c, n in TWELVE])
         version = labels_version(project / "labels")
         committed = time.monotonic()
-        emit(env, 12, version)
+        emit(env, project, 12, version)
         trained = finished_runs(2, 1200)[1]
         seconds = time.monotonic() - committed
         assert trained.state.is_completed(), run_logs(trained.id)[-3000:]

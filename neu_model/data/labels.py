@@ -27,6 +27,8 @@ LABELS_MANIFEST = "manifest.csv"
 LABELS_MANIFEST_COLUMNS = ("file", "label", "sha256", "origin", "x", "y", "reviewer", "time", "audit_id",
                            "model_version", "predicted", "confidence")
 UNKNOWN_LABEL = "unknown"
+# The Prefect event of a commit of labels: neu-review commit sends it, make serve's deployment triggers on it.
+LABELS_EVENT = "neu.labels.committed"
 
 
 def labels_version(folder: Path) -> str | None:

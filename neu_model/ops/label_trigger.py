@@ -19,9 +19,9 @@ from pathlib import Path
 
 from neu_model.core.config import load_config
 from neu_model.core.paths import MANIFEST, PARAMS_FILE
-from neu_model.data.labels import LABELS_MANIFEST, UNKNOWN_LABEL, labels_version
+from neu_model.data.labels import LABELS_EVENT, LABELS_MANIFEST, UNKNOWN_LABEL, labels_version
 
-LABELS_EVENT = "neu.labels.committed"
+__all__ = ["LABELS_EVENT", "NewLabels", "new_labels"]
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,18 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from neu_model.core.config import load_config
 from neu_model.core.stage import run_stage
 
 TOKEN_ENV = "NEU_REVIEW_TOKEN"
 
+
+
+def labels_folder(workspace: Path) -> str:
+    """``data.labels`` of the workspace's params.yaml (``labels`` without one): where the download
+    stage looks for the labels."""
+    params = workspace / "params.yaml"
+    return (load_config(params).data.labels if params.is_file() else None) or "labels"
 
 def share_arg(text: str) -> float:
     """``argparse`` type of ``--random-share``: a fraction in [0, 1]."""
@@ -71,7 +79,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="the project checkout: git and DVC run there (default: the working folder)")
     commit.add_argument("--state", type=Path, default=Path(".review"),
                         help="folder of the audit log (default .review in the working folder)")
-    commit.add_argument("--labels", type=Path, help="the labelled-images folder (default labels in the workspace)")
+    commit.add_argument("--labels", type=Path,
+                        help="the labelled-images folder (default: data.labels of the workspace's params.yaml)")
     commit.add_argument("--message-only", action="store_true",
                         help="print the git commit message this commit would make; write nothing")
     commit.add_argument("--no-git", action="store_true", help="write the folder only: no dvc add, git commit, "
@@ -90,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     from neu_model.review.commit import commit
 
-    labels = args.labels if args.labels is not None else args.workspace / "labels"
+    labels = args.labels if args.labels is not None else args.workspace / labels_folder(args.workspace)
     print(commit(args.state, labels, args.workspace, args.message_only, not args.no_git, not args.no_event))
 
 

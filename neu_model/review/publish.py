@@ -23,8 +23,9 @@ import sys
 from pathlib import Path
 
 from neu_model.core.stage import StageError
+from neu_model.data.labels import LABELS_EVENT
 
-EVENT = "neu.labels.committed"
+EVENT = LABELS_EVENT
 NO_API = "no PREFECT_API_URL: no event sent; retraining waits for its schedule"
 DRAIN_SECONDS = 60.0  # the events client retries a refused connection for about 10 s
 

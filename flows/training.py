@@ -32,7 +32,7 @@ from prefect.settings import get_current_settings
 from prefect.tasks import exponential_backoff
 
 from flows.report import per_class_rows, training_markdown
-from neu_model.core.config import DATA_SOURCE_ENV, ConfigError, load_config
+from neu_model.core.config import DATA_SOURCE_ENV, ConfigError
 from neu_model.core.redact import install_log_redaction, redact_url
 from neu_model.core.stage import disable_telemetry
 from neu_model.ops import orchestrate, run_params
@@ -171,12 +171,14 @@ def _publish(root: str, ran: dict, changed: list, mlflow_ui: str, overrides: lis
     return summary
 
 
-def labels_trigger(within_hours: float) -> DeploymentEventTrigger:
+def labels_trigger() -> DeploymentEventTrigger:
     """Start the deployment on every ``neu.labels.committed`` event (``neu-review commit``); the run
-    then trains only with enough new labels in the window (``neu_model.ops.label_trigger``:
-    Prefect's threshold counts events, not the images each commit carries)."""
+    then trains only with enough new labels in the window ``retrain.within_hours``
+    (``neu_model.ops.label_trigger``: Prefect's threshold counts events, not the images each commit
+    carries). ``within=0``: a reactive trigger fires at most once per ``within``, and a later commit
+    must not wait for the window to close."""
     return DeploymentEventTrigger(name="labels committed", expect={LABELS_EVENT}, posture="Reactive", threshold=1,
-                                  within=dt.timedelta(hours=within_hours),
+                                  within=dt.timedelta(0),
                                   parameters={"trigger": "labels",
                                               "labels_version": "{{ event.payload.data_version }}"})
 
@@ -188,9 +190,8 @@ def serve(cron: str = DEFAULT_CRON, parameters: dict | None = None) -> None:
     a scheduled run, one started by labels and one started by hand queue instead of failing on the
     workspace lock, which each run takes (and which also keeps ``make pipeline`` and ``make retrain`` out).
     """
-    within = load_config(ROOT / "params.yaml").retrain.within_hours
     training_flow.serve(name=DEPLOYMENT, cron=cron, global_limit=1, limit=1, parameters=parameters or {},
-                        triggers=[labels_trigger(within)], tags=["neu-cls", "training"], pause_on_shutdown=False)
+                        triggers=[labels_trigger()], tags=["neu-cls", "training"], pause_on_shutdown=False)
 
 
 def deploy(pool: str, name: str | None = None, cron: str | None = DEFAULT_CRON, parameters: dict | None = None,
@@ -208,9 +209,8 @@ def deploy(pool: str, name: str | None = None, cron: str | None = DEFAULT_CRON, 
     """
     _ensure_process_pool(pool)
     remote_flow = training_flow.from_source(str(source), "flows/training.py:training_flow")
-    within = load_config(Path(source) / "params.yaml").retrain.within_hours
     deployment_id = remote_flow.deploy(name=name or f"retrain-{pool}", work_pool_name=pool, cron=cron or None,
-                                       triggers=[labels_trigger(within)],
+                                       triggers=[labels_trigger()],
                                        concurrency_limit=1, parameters=parameters or {},
                                        tags=["neu-cls", "training"], print_next_steps=False, ignore_warnings=True)
     return str(deployment_id)

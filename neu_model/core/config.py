@@ -137,7 +137,7 @@ class UnknownConfig:
 @dataclass(frozen=True)
 class RetrainConfig:
     min_new_labels: int  # labelled images not yet in the training data that a labels commit needs to retrain
-    within_hours: float  # the labels trigger's window (neu_model.ops.label_trigger)
+    within_hours: float  # new labels count when labelled within this window (neu_model.ops.label_trigger)
 
 
 @dataclass(frozen=True)

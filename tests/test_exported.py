@@ -20,7 +20,7 @@ from neu_model.core.files import sha256_file
 from neu_model.core.stage import StageError
 from neu_model.data.dataset import load_split, to_float
 from neu_model.registry import export_artifacts as exported
-from neu_model.registry import register as gate
+from neu_model.registry import register as register_stage
 from neu_model.registry.register import register
 
 from conftest import documented_onnx_client, export_model, tiny_config
@@ -37,7 +37,7 @@ def pipeline_pass(tiny_model: Path, split_file: Path, tmp_path: Path, accuracy: 
     record = json.loads(tiny_model.with_name("run.json").read_text())
     run_id = client().create_run(record["experiment_id"]).info.run_id
     client().log_metric(run_id, "test_accuracy", accuracy)
-    client().set_tag(run_id, "test_split_id", gate.test_split_id(split_file, record["dataset_version"]))
+    client().set_tag(run_id, "test_split_id", register_stage.test_split_id(split_file, record["dataset_version"]))
     reports = tmp_path / run_id
     reports.mkdir()
     (reports / "run.json").write_text(json.dumps(record | {"run_id": run_id}))

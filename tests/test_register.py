@@ -25,8 +25,10 @@ from neu_model.data.split import split
 from neu_model.evaluation.evaluate import evaluate
 from neu_model.inference.torch_model import load_torch_model, predict_logits
 from neu_model.ops.pgserver import free_port
-from neu_model.registry import register as gate  # module access: pytest would collect a bare test_split_id
-from neu_model.registry.register import decide, format_listing, listing, main, register
+from neu_model.registry import register as register_stage  # module access: pytest would collect a bare test_split_id
+from neu_model.registry.gate import decide
+from neu_model.registry.history import format_listing, listing
+from neu_model.registry.register import main, register
 
 from conftest import tiny_config
 from server_support import running_server
@@ -54,7 +56,7 @@ def candidate(evaluated: Path, tmp_path: Path, accuracy: float, split_file: Path
     client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
     run_id = client.create_run(record["experiment_id"]).info.run_id
     client.log_metric(run_id, "test_accuracy", accuracy)
-    client.set_tag(run_id, "test_split_id", gate.test_split_id(split_file, record["dataset_version"]))
+    client.set_tag(run_id, "test_split_id", register_stage.test_split_id(split_file, record["dataset_version"]))
     client.set_terminated(run_id)
     reports = tmp_path / run_id
     reports.mkdir()

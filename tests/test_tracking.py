@@ -21,7 +21,7 @@ from neu_model.core.stage import StageError
 from neu_model.data.dataset import load_split, to_float
 from neu_model.evaluation.evaluate import evaluate
 from neu_model.inference.torch_model import load_torch_model, predict_logits
-from neu_model.registry import register as gate  # module access: pytest would collect a bare test_split_id
+from neu_model.registry import register as register_stage  # module access: pytest would collect a bare test_split_id
 from neu_model.registry import tracking
 from neu_model.registry.lineage import read_dvc
 from neu_model.training.train import train
@@ -107,7 +107,8 @@ def test_evaluate_logs_into_the_training_run(tiny_data, tiny_model, tmp_path):
     assert run.data.metrics["test_accuracy"] == metrics["accuracy"]
     assert run.data.metrics["test_macro_f1"] == metrics["macro_f1"]
     assert run.data.metrics["test_f1_Cr"] == metrics["per_class"]["Cr"]["f1"]
-    assert run.data.tags["test_split_id"] == gate.test_split_id(tiny_data.split, run.data.tags["dataset_version"])
+    split_id = register_stage.test_split_id(tiny_data.split, run.data.tags["dataset_version"])
+    assert run.data.tags["test_split_id"] == split_id
     paths = {a.path for folder in ("figures", "evaluation") for a in client.list_artifacts(run.info.run_id, folder)}
     assert {"figures/confusion.png", "figures/misclassified.png", "evaluation/per_class.json"} <= paths
     table_file = client.download_artifacts(run.info.run_id, "evaluation/per_class.json", str(tmp_path / "dl"))

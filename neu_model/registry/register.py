@@ -25,11 +25,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-import pandas as pd
-
 from neu_model.core import paths, provenance
-from neu_model.core.config import CLASSES, Config, add_config_args, load_config
+from neu_model.core.config import Config, add_config_args, load_config
 from neu_model.core.files import write_json
 from neu_model.core.paths import (
     EXPORT_REPORT,
@@ -43,18 +40,18 @@ from neu_model.core.paths import (
     SPLIT_FILE,
 )
 from neu_model.core.stage import StageError, run_stage
-from neu_model.data.dataset import load_split, read_manifest, read_split, to_float
-from neu_model.data.test_sets import ORIGINS, fair_test_files, figures, split_rule
-from neu_model.inference.predictors import predict_batched, probabilities
+from neu_model.data.dataset import read_manifest, read_split
+from neu_model.data.test_sets import ORIGINS, fair_test_files, split_rule
 from neu_model.registry import export_artifacts as exported
 from neu_model.registry import mlflow_model, tracking
+from neu_model.registry.gate import challenger_figures, champion_figures, decide
+from neu_model.registry.history import format_listing, listing
 from neu_model.registry.lineage import read_dvc
 from neu_model.registry.mlflow_model import CONTRACT
 
 log = logging.getLogger("neu_model.registry.register")
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-EPS = 1e-9  # accuracies are rounded to 6 digits; "at least" must not fail on float noise
 
 
 def test_split_id(split_file: Path, dataset_version: str) -> str:
@@ -63,38 +60,6 @@ def test_split_id(split_file: Path, dataset_version: str) -> str:
     rows = rows[rows["split"] == "test"].sort_values("file")
     text = dataset_version + "\n" + "\n".join(rows["file"] + "," + rows["label"])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def decide(figures: dict, floor: float, min_improvement: float,
-           champion: tuple[str, dict] | None) -> tuple[bool, list[str]]:
-    """The gate: (promote?, reasons).
-
-    ``figures`` and the champion's are ``neu_model.data.test_sets.figures`` on the same test
-    images, which neither model trained on. The floor applies to the public figure (the whole
-    test part when it has no public image); the comparison to all those images together, each
-    counted once: the plant's labelled test images are too few to decide alone (one image moves
-    their figure by points) and the public ones alone ignore what retraining on labels is for.
-    """
-    public = figures["public"] if figures["public"]["images"] else figures["all"]
-    passes_floor = public["accuracy"] >= floor - EPS
-    reasons = [f"public test accuracy {public['accuracy']:.4f} {'>=' if passes_floor else '<'} floor {floor:.4f}"]
-    if champion is None:
-        reasons.append("no champion yet: the first version that passes the floor becomes champion")
-        return passes_floor, reasons + [_both(figures)]
-    version, champ = champion
-    accuracy, needed = figures["all"]["accuracy"], champ["all"]["accuracy"] + min_improvement
-    beats = accuracy >= needed - EPS
-    reasons.append(f"test accuracy {accuracy:.4f} {'>=' if beats else '<'} champion v{version} "
-                   f"{champ['all']['accuracy']:.4f} + min_improvement {min_improvement:.4f} = {needed:.4f} "
-                   f"(on {figures['all']['images']} test images neither trained on)")
-    reasons.append(f"{_both(figures)}; champion: {_both(champ)}")
-    return passes_floor and beats, reasons
-
-
-def _both(figures: dict) -> str:
-    """The two figures as one phrase: 'public 0.9981 (540), plant 0.7500 (4)'."""
-    return ", ".join(f"{o} {f['accuracy']:.4f} ({f['images']})" if f["images"] else f"{o} - (0)"
-                     for o, f in ((o, figures[o]) for o in ORIGINS))
 
 
 def _champion(client, name: str):
@@ -133,57 +98,6 @@ def _served_model(run: tracking.Run, cfg: Config, model_file: Path) -> tuple[str
     info = mlflow_model.log_model(run.client, run.experiment_id, run.run_id, model_file, cfg.data.image_size,
                                   mirror=True)
     return info.model_uri, info.model_id
-
-
-def evaluate_version(name: str, version: str, split_file: Path, image_dir: Path, files: list[str],
-                     batch_size: int = 64) -> dict:
-    """Figures (``test_sets.figures``) of a registry version on ``files`` of the current test split,
-    through the plain pyfunc interface."""
-    import mlflow.pyfunc
-
-    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
-    test = load_split("test", split_file, image_dir)
-    keep = np.isin(test.files, files)
-    if not keep.any():
-        raise StageError(f"{split_file}: no test images to re-evaluate the champion on")
-    probs = predict_batched(lambda images: probabilities(model, to_float(images).numpy()), test.images[keep],
-                            batch_size)
-    table = read_split(split_file).set_index("file").loc[np.asarray(test.files)[keep]].reset_index()
-    return figures(table.assign(predicted=[CLASSES[i] for i in probs.argmax(1)]))
-
-
-def champion_figures(client, name: str, champion, split_id: str, split_file: Path, image_dir: Path,
-                     files: list[str]) -> tuple[dict, str | None]:
-    """The champion's figures on ``files`` of test split ``split_id``: from its tags, else measured
-    now and cached.
-
-    Returns:
-        (figures, note) where the note says the champion was re-evaluated, else None.
-    """
-    key = f"figures_on.{split_id}.{hashlib.sha256(' '.join(files).encode()).hexdigest()[:8]}"
-    if key in champion.tags:
-        return json.loads(champion.tags[key]), None
-    result = evaluate_version(name, champion.version, split_file, image_dir, files)
-    client.set_model_version_tag(name, champion.version, key, json.dumps(result))
-    client.set_model_version_tag(name, champion.version, f"accuracy_on.{split_id}", str(result["all"]["accuracy"]))
-    note = (f"dataset or split changed (test split {champion.tags.get('test_split_id', '?')} -> {split_id}): "
-            f"champion v{champion.version} re-evaluated on the new test split ({len(files)} images): "
-            f"{result['all']['accuracy']:.4f} "
-            f"(was {float(champion.tags.get('test_accuracy', 'nan')):.4f})")
-    return result, note
-
-
-def challenger_figures(metrics: dict, predictions: Path, split_file: Path, files: list[str]) -> dict:
-    """This run's figures on ``files``: evaluate's own when they are the whole test part."""
-    table = read_split(split_file)
-    if sorted(table.loc[table["split"] == "test", "file"]) == files:
-        every = {"images": len(files), "accuracy": metrics["accuracy"]}
-        # an evaluation from before the plant's images existed: all of it is the public set
-        return {"all": every, **metrics.get("test_sets", {"public": every, "plant": {"images": 0, "accuracy": None}})}
-    if not Path(predictions).is_file():
-        raise StageError(f"{predictions}: not found; rerun the evaluate stage")
-    frame = pd.read_csv(predictions)
-    return figures(frame[frame["file"].isin(files)])
 
 
 def register(cfg: Config, run_file: Path = paths.RUN_FILE, metrics_file: Path = METRICS_FILE,
@@ -287,57 +201,6 @@ def register(cfg: Config, run_file: Path = paths.RUN_FILE, metrics_file: Path = 
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def listing(client, name: str) -> dict:
-    """Versions with their aliases and gate results, and the promotion history, oldest first."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        aliases = client.get_registered_model(name).aliases
-    except MlflowException:
-        raise StageError(f"no registered model {name!r} in {client.tracking_uri}; run the pipeline first") from None
-    by_version: dict[str, list[str]] = {}
-    for alias, version in aliases.items():
-        by_version.setdefault(str(version), []).append(alias)
-    versions = sorted(client.search_model_versions(f"name = '{name}'"), key=lambda m: int(m.version))
-    rows = [{"version": str(m.version), "aliases": sorted(by_version.get(str(m.version), [])),
-             "test_accuracy": m.tags.get("test_accuracy"), "model": m.tags.get("model"),
-             "dataset_version": m.tags.get("dataset_version"), "test_split_id": m.tags.get("test_split_id"),
-             "decision": m.tags.get("gate.decision"), "reasons": m.tags.get("gate.reasons"),
-             "run_id": m.run_id, "created": _ms(m.creation_timestamp)} for m in versions]
-    tags = {str(m.version): m.tags for m in versions}
-    history = sorted(({"at": t["promotion.at"], "version": v, "replaced": t.get("promotion.replaced") or None,
-                       "test_accuracy": t.get("test_accuracy"),
-                       "replaced_accuracy": tags.get(t.get("promotion.replaced"), {})
-                       .get(f"accuracy_on.{t.get('test_split_id')}")}
-                      for v, t in tags.items() if "promotion.at" in t), key=lambda h: (h["at"], int(h["version"])))
-    return {"model_name": name, "aliases": {a: str(x) for a, x in aliases.items()}, "versions": rows,
-            "history": history}
-
-
-def _ms(stamp: int | None) -> str:
-    return dt.datetime.fromtimestamp((stamp or 0) / 1000, dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def format_listing(data: dict) -> str:
-    """The listing as plain text for a terminal."""
-    lines = [f"registered model {data['model_name']}  aliases: "
-             + ", ".join(f"{a}=v{v}" for a, v in sorted(data["aliases"].items())), "",
-             f"{'ver':>4}  {'aliases':<20} {'model':<10} {'accuracy':>8}  {'dataset':<12} {'split':<12} "
-             f"{'decision':<9} run"]
-    for r in data["versions"]:
-        lines.append(f"{r['version']:>4}  {','.join(r['aliases']) or '-':<20} {r['model'] or '?':<10} "
-                     f"{r['test_accuracy'] or '?':>8}  {r['dataset_version'] or '?':<12} "
-                     f"{r['test_split_id'] or '?':<12} "
-                     f"{r['decision'] or '-':<9} {r['run_id']}")
-    lines += ["", "promotion history:"]
-    for h in data["history"]:
-        old = f"v{h['replaced']} ({h['replaced_accuracy'] or '?'} on the same split)" if h["replaced"] else "none"
-        lines.append(f"  {h['at']}  v{h['version']} ({h['test_accuracy']}) replaced {old}")
-    if not data["history"]:
-        lines.append("  (none)")
-    return "\n".join(lines)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,8 @@ def test_the_summary_of_the_committed_reports_is_short_and_names_every_figure(tm
     text = "\n".join(lines)
     assert f"{100 * metrics['accuracy']:.2f} %" in text and f"{metrics['errors']} errors of {metrics['n_test']}" in text
     assert f"{100 * metrics['robustness']['mean_accuracy']:.2f} %" in text
+    public = metrics["test_sets"]["public"]
+    assert f"public {100 * public['accuracy']:.2f} % of {public['images']}" in text
     assert f"{metrics['review']['flagged']} of {metrics['n_test']} flagged" in text
     assert f"localisation  {metrics['localisation']['chosen']}:" in text
     registration = json.loads((tmp_path / "reports" / "registration.json").read_text())

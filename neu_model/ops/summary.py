@@ -63,6 +63,13 @@ def export_line(export: Mapping[str, Any]) -> str:
             + (f"; max probability diff {', '.join(parity)}" if parity else ""))
 
 
+def sets_phrase(sets: Mapping[str, Any]) -> str:
+    """``; public 100.00 % of 540, plant 75.00 % of 4``: the two test sets (evaluate's test_sets)."""
+    parts = [f"{name} {_pct(s['accuracy'], 2) if s.get('images') else '-'} of {s.get('images', 0)}"
+             for name, s in sets.items()]
+    return "; " + ", ".join(parts) if parts else ""
+
+
 def registry_line(registration: Mapping[str, Any]) -> str:
     if not registration:
         return "registry      no decision recorded"
@@ -79,7 +86,7 @@ def summary_lines(project: Path = Path(".")) -> list[str]:
     n_test = metrics.get("n_test", "?")
     return [
         f"test          accuracy {_pct(metrics.get('accuracy'), 2)}, {metrics.get('errors', '?')} errors of "
-        f"{n_test} images ({metrics.get('model', '?')})",
+        f"{n_test} images ({metrics.get('model', '?')}){sets_phrase(metrics.get('test_sets', {}))}",
         f"robustness    mean accuracy {_pct(robustness.get('mean_accuracy'), 2)} over the corrupted copies"
         if robustness else "robustness    not measured",
         f"review        {review.get('flagged', '?')} of {n_test} flagged ({_pct(review.get('flagged_share'))}) "

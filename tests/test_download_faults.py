@@ -175,7 +175,7 @@ def test_credentials_in_the_url_are_used_and_never_shown(tmp_path):
     for proc in (good, bad):
         assert SECRET not in proc.stdout + proc.stderr
     written = [p for p in (tmp_path / "data").rglob("*") if p.is_file()]
-    assert len(written) == 32  # 30 images, the manifest, the cached archive
+    assert len(written) == 33  # 30 images, the manifest, labels.json, the cached archive
     assert not [p for p in written if SECRET.encode() in p.read_bytes() or SECRET in str(p)]
 
 

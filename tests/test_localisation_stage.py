@@ -205,10 +205,15 @@ def test_best_method_on_validation_prefers_the_chosen_one_on_a_tie():
 
 @pytest.fixture(scope="module")
 def with_val(tiny_data, tmp_path_factory) -> Path:
-    """The tiny split with the first training image of each class moved to a validation part."""
+    """The tiny split with one validation image a class and a test image in every class (30 images
+    split by their own hashes leave some classes without one)."""
     table = pd.read_csv(tiny_data.split)
-    first = table[table["split"] == "train"].groupby("label").head(1).index
-    table.loc[first, "split"] = "val"
+    table.loc[table["split"] == "val", "split"] = "train"
+    for _, rows in table.groupby("label"):
+        train = rows.index[rows["split"] == "train"]
+        table.loc[train[0], "split"] = "val"
+        if not (rows["split"] == "test").any():
+            table.loc[train[1], "split"] = "test"
     path = tmp_path_factory.mktemp("split") / "split.csv"
     table.to_csv(path, index=False)
     return path

@@ -71,6 +71,11 @@ def evaluate_version(name: str, version: str, split_file: Path, image_dir: Path,
     return figures(table.assign(predicted=[CLASSES[i] for i in probs.argmax(1)]))
 
 
+def figures_key(split_id: str, files: list[str]) -> str:
+    """The tag that caches a version's figures on ``files`` of test split ``split_id``."""
+    return f"figures_on.{split_id}.{hashlib.sha256(' '.join(files).encode()).hexdigest()[:8]}"
+
+
 def champion_figures(client, name: str, champion, split_id: str, split_file: Path, image_dir: Path,
                      files: list[str]) -> tuple[dict, str | None]:
     """The champion's figures on ``files`` of test split ``split_id``: from its tags, else measured
@@ -79,7 +84,7 @@ def champion_figures(client, name: str, champion, split_id: str, split_file: Pat
     Returns:
         (figures, note) where the note says the champion was re-evaluated, else None.
     """
-    key = f"figures_on.{split_id}.{hashlib.sha256(' '.join(files).encode()).hexdigest()[:8]}"
+    key = figures_key(split_id, files)
     if key in champion.tags:
         return json.loads(champion.tags[key]), None
     result = evaluate_version(name, champion.version, split_file, image_dir, files)

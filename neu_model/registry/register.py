@@ -44,7 +44,7 @@ from neu_model.data.dataset import read_manifest, read_split
 from neu_model.data.test_sets import ORIGINS, fair_test_files, split_rule
 from neu_model.registry import export_artifacts as exported
 from neu_model.registry import mlflow_model, tracking
-from neu_model.registry.gate import challenger_figures, champion_figures, decide
+from neu_model.registry.gate import challenger_figures, champion_figures, decide, figures_key
 from neu_model.registry.history import format_listing, listing
 from neu_model.registry.lineage import read_dvc
 from neu_model.registry.mlflow_model import CONTRACT
@@ -128,6 +128,7 @@ def register(cfg: Config, run_file: Path = paths.RUN_FILE, metrics_file: Path = 
     version = _version_of_run(client, name, run.run_id, mirror)  # a rerun (e.g. after a crash) reuses its version
     if version is None:
         tags = {"test_accuracy": accuracy, "macro_f1": metrics["macro_f1"], f"accuracy_on.{split_id}": accuracy,
+                figures_key(split_id, every_test): json.dumps(mine),
                 "test_split_id": split_id, "dataset_version": run.record["dataset_version"], "run_id": run.run_id,
                 "model": run.record.get("model", ""), "git_sha": provenance.git_sha(),
                 "inference.mirror": str(mirror).lower(), "split_rule": rule,

@@ -1,4 +1,5 @@
-"""The plant's labelled images as ``neu-review commit`` leaves them, made from the real fixture images."""
+"""The plant's labelled images as ``neu-review commit`` leaves them, made from the real fixture images;
+the public set as its checksum list names it."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
+from neu_model.core.paths import ROOT
+from neu_model.data.checks import read_checksums
 from neu_model.data.labels import LABELS_MANIFEST_COLUMNS
 
 from conftest import FIXTURE_IMAGES
@@ -47,3 +51,12 @@ def darker(label: str, n: int, factor: float = 0.8) -> np.ndarray:
     """A darker copy of a real fixture image: new bytes, the same defect."""
     pixels = np.asarray(Image.open(FIXTURE_IMAGES / f"{label}_{n}.bmp").convert("L"), dtype=np.float32)
     return (pixels * factor).astype(np.uint8)
+
+
+CHECKSUMS = ROOT / "neu_model" / "data" / "NEU-CLS.sha256"
+
+
+def public_manifest() -> pd.DataFrame:
+    """The 1,800 public images as a manifest (file, label, sha256), from the checksum list in git."""
+    sums = read_checksums(CHECKSUMS)
+    return pd.DataFrame({"file": list(sums), "label": [n.split("_")[0] for n in sums], "sha256": list(sums.values())})

@@ -125,7 +125,7 @@ def test_a_commit_of_enough_labels_retrains_registers_and_gates(prefect_server, 
     serve = subprocess.Popen([sys.executable, "-m", "flows.training", "serve"], cwd=project, env=env,
                              stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for(lambda: _deployment_ready(), 180, "the retrain deployment and its trigger")
+        wait_for(lambda: _deployment_ready(), 600, "the retrain deployment and its trigger")
         # Too few: 3 new labelled images (retrain.min_new_labels is 10): the run trains nothing.
         labels = write_labels(project / "labels", [(c, darker(c, n)) for c, n in TWELVE[:3]])
         emit(env, project, 3, labels_version(labels))

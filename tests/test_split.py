@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 
 from neu_model.core.config import CLASSES, SplitConfig
-from neu_model.core.paths import ROOT
 from neu_model.data.checks import read_checksums
 from neu_model.data.split import hashed_part, public_parts, split_frame, stratified_parts
 
-CHECKSUMS = ROOT / "neu_model" / "data" / "NEU-CLS.sha256"
+from labels_support import CHECKSUMS, public_manifest
+
 PROTOCOL = SplitConfig(test_fraction=0.3, val_fraction=0.1)
 
 
@@ -22,11 +22,6 @@ def manifest(per_class: int = 300, duplicates: dict[str, str] | None = None) -> 
     for file, same_as in (duplicates or {}).items():
         frame.loc[frame["file"] == file, "sha256"] = frame.loc[frame["file"] == same_as, "sha256"].item()
     return frame
-
-
-def public_manifest() -> pd.DataFrame:
-    sums = read_checksums(CHECKSUMS)
-    return pd.DataFrame({"file": list(sums), "label": [n.split("_")[0] for n in sums], "sha256": list(sums.values())})
 
 
 def test_public_protocol_counts():

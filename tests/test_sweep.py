@@ -321,8 +321,8 @@ def test_a_failed_trial_is_a_row_of_the_table_and_fails_the_flow(prefect_api, sh
     rows = {r["trial"]: r for r in (table_data if isinstance(table_data, list) else json.loads(table_data))}
     assert rows["t01"]["status"] == "ok" and rows["t02"]["status"].startswith("failed: stage 'train' failed")
     assert rows["t02"]["test_acc_%"] is None
-    # the fixture's 30 images leave no validation part: nothing to choose by, and the summary says so
-    assert "no finished trial has val_acc_%" in artifacts["neu-sweep-summary"].data
+    # the failed trial is no candidate: the finished one is the best by the validation part (Sc_3)
+    assert "best by val_acc_% (max): t01 with" in artifacts["neu-sweep-summary"].data
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     experiment = client.get_run(rows["t01"]["mlflow_run"]).info.experiment_id
     parent = client.search_runs([experiment], "tags.`neu.sweep.trials` = '2' and tags.failed_trials = '1'")

@@ -14,6 +14,7 @@ are test under both rules.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -55,16 +56,17 @@ def figures(table: pd.DataFrame) -> dict:
     return result
 
 
-def fair_test_files(split_table: pd.DataFrame, manifest: pd.DataFrame, rule_now: str, rule_then: str | None,
-                    checksums: Path) -> list[str]:
+def fair_test_files(split_table: pd.DataFrame, manifest: Callable[[], pd.DataFrame], rule_now: str,
+                    rule_then: str | None, checksums: Path) -> list[str]:
     """Test files of today's split that were also test files under ``rule_then`` (another
     model's split rule; None: a model from before rules were recorded, which had today's parts
-    for the public set)."""
+    for the public set). ``manifest`` gives the images with their sha256, read only when the
+    rules differ."""
     test = split_table[split_table["split"] == "test"]
     if rule_then is None or json.loads(rule_then) == json.loads(rule_now):
         return sorted(test["file"])
     then = json.loads(rule_then)
     cfg = SplitConfig(test_fraction=then["test_fraction"], val_fraction=then["val_fraction"])
-    parts = split_frame(manifest, cfg, then["seed"], public_parts(checksums, cfg, then["seed"]))
+    parts = split_frame(manifest(), cfg, then["seed"], public_parts(checksums, cfg, then["seed"]))
     earlier = set(parts.loc[parts["split"] == "test", "file"])
     return sorted(f for f in test["file"] if f in earlier)

@@ -156,7 +156,7 @@ def register(cfg: Config, run_file: Path = paths.RUN_FILE, metrics_file: Path = 
         if champion is not None:
             # The images neither model trained on: today's test part, less any the champion's split
             # rule (another seed or fractions) put in its training or validation part.
-            files = fair_test_files(table, read_manifest(manifest), rule, champion.tags.get("split_rule"),
+            files = fair_test_files(table, lambda: read_manifest(manifest), rule, champion.tags.get("split_rule"),
                                     ROOT / cfg.data.checksums)
             champ_figures, note = champion_figures(client, name, champion, split_id, split_file, image_dir, files)
             champ, notes = (before, champ_figures), [note] if note else []

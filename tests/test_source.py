@@ -81,9 +81,13 @@ def archive_server(**state):
 
 def source_stage(url: str, out: Path) -> subprocess.CompletedProcess:
     """``python -m neu_model.data.source`` as dvc runs it, with ``url`` as data.source."""
+    # in out's folder, every output beside out: nothing lands in the checkout's data/
     return subprocess.run([sys.executable, "-m", "neu_model.data.source", "--params", str(ROOT / "params.yaml"),
-                           "--set", f"data.source={url}", "--out", str(out), "--timeout", "3"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                           "--set", f"data.source={url}", "--out", str(out), "--timeout", "3",
+                           "--boxes-out", str(out.with_name("boxes_source.json")),
+                           "--labels-out", str(out.with_name("labels_source.json"))],
+                          cwd=out.parent, capture_output=True, text=True, timeout=120,
+                          env=os.environ | {"PYTHONPATH": str(ROOT)})
 
 
 def keep_time(path: Path) -> int:

@@ -112,8 +112,16 @@ def run_logs(run_id) -> str:
         return "\n".join(log.message for log in logs)
 
 
-def test_a_commit_of_enough_labels_retrains_registers_and_gates(prefect_server, tmp_path, monkeypatch):
-    monkeypatch.setenv("PREFECT_API_URL", prefect_server)
+def test_a_commit_of_enough_labels_retrains_registers_and_gates(prefect_server, tmp_path):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    # a session fixture of other tests (prefect_test_harness) may hold temporary settings that win over
+    # the environment: this test talks to its own server whatever ran before it
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
+        loop(prefect_server, tmp_path)
+
+
+def loop(prefect_server: str, tmp_path: Path) -> None:
     project = make_project(tmp_path / "project", "register.accuracy_floor=0.0")
     env = project_env(project) | {"PREFECT_API_URL": prefect_server}
     first = subprocess.run([sys.executable, "-m", "flows.training", "run"], cwd=project, env=env,

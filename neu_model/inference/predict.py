@@ -34,7 +34,7 @@ import contextlib
 import csv
 import datetime as dt
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -158,15 +158,22 @@ def write_model_sidecar(out: Path, model: LoadedModel, review_below: float) -> P
     return sidecar
 
 
-def confidence_arg(text: str) -> float:
-    """``argparse`` type of ``--review-below``: a number in [0, 1], else a one-line usage error."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a confidence in [0, 1] (0 flags nothing, 1 everything)")
-    return value
+def unit_interval_arg(what: str, hint: str) -> Callable[[str], float]:
+    """An ``argparse`` type: a number in [0, 1], else a one-line usage error naming ``what`` it is."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not 0 <= value <= 1:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {what} in [0, 1] ({hint})")
+        return value
+
+    return parse
+
+
+confidence_arg = unit_interval_arg("confidence", "0 flags nothing, 1 everything")  # --review-below
 
 
 def add_review_arg(parser: argparse.ArgumentParser) -> None:

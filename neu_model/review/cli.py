@@ -25,6 +25,7 @@ from pathlib import Path
 
 from neu_model.core.config import load_config
 from neu_model.core.stage import run_stage
+from neu_model.inference.predict import unit_interval_arg
 
 TOKEN_ENV = "NEU_REVIEW_TOKEN"
 
@@ -36,15 +37,8 @@ def labels_folder(workspace: Path) -> str:
     params = workspace / "params.yaml"
     return (load_config(params).data.labels if params.is_file() else None) or "labels"
 
-def share_arg(text: str) -> float:
-    """``argparse`` type of ``--random-share``: a fraction in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a share in [0, 1] (0.02: one in fifty confident tiles)")
-    return value
+
+share_arg = unit_interval_arg("share", "0.02: one in fifty confident tiles")  # --random-share
 
 
 def port_arg(text: str) -> int:
